@@ -1,0 +1,94 @@
+"""Every hook lqmod calls, grouped by phase.
+
+All hooks are *registration* hooks: they take no arguments and return an iterable of frozen
+spec objects. They are called once, when the registry is built; the quantize/materialize
+hot path then holds the returned callables directly and never goes back through pluggy.
+None of them is ``firstresult`` or ``historic``: every plug-in's registrations are collected,
+and a name registered twice is an error naming both distributions.
+
+A plug-in is a module (or object) with functions marked ``@lqmod.hookimpl``, announced in
+its distribution's ``pyproject.toml``::
+
+    [project.entry-points.lqmod]
+    my-quantizer = "my_package.plugin"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pluggy
+
+from lqmod.types import AllocatorSpec, InitializerSpec, QuantizerSpec
+
+hookspec = pluggy.HookspecMarker("lqmod")
+
+# -- phase 1: quantization ---------------------------------------------------------------
+
+
+@hookspec
+def lqmod_quantizers() -> Iterable[QuantizerSpec]:  # type: ignore[empty-body]
+    """Register quantizers.
+
+    Example (a complete plug-in quantizing to sign bits with one scale per row)::
+
+        import torch
+        import lqmod
+        from lqmod.config import QuantizerConfig
+        from lqmod.types import QuantizedWeight, QuantizerSpec
+
+        class SignConfig(QuantizerConfig):
+            pass
+
+        def quantize(w, cfg, stats):
+            scale = w.abs().mean(dim=1, keepdim=True).float()
+            signs = (w >= 0).to(torch.uint8)  # one byte per code: an honest (unpacked) cost
+            return QuantizedWeight("sign", cfg.model_dump(), tuple(w.shape),
+                                   {"signs": signs, "scale": scale})
+
+        def materialize(qw, dtype):
+            t = qw.tensors
+            return ((t["signs"].to(dtype) * 2 - 1) * t["scale"].to(dtype))
+
+        @lqmod.hookimpl
+        def lqmod_quantizers():
+            yield QuantizerSpec("sign", SignConfig, quantize, materialize,
+                                bits_per_param=lambda cfg, shape: 8 + 32 / shape[1])
+    """
+
+
+# -- phase 2: adapter initialisation -----------------------------------------------------
+
+
+@hookspec
+def lqmod_initializers() -> Iterable[InitializerSpec]:  # type: ignore[empty-body]
+    """Register LoRA initializers.
+
+    Example (A small Gaussian, B zero, so the step-0 model equals the quantized one)::
+
+        @lqmod.hookimpl
+        def lqmod_initializers():
+            def init(*, weight, qweight, materialize, lora, config, stats, generator):
+                out_f, in_f = qweight.shape
+                a = torch.randn(lora.r, in_f, generator=generator) / in_f ** 0.5
+                return InitResult(a, torch.zeros(out_f, lora.r))
+            yield InitializerSpec("tiny", InitializerConfig, init)
+    """
+
+
+# -- phase 3: budget allocation ----------------------------------------------------------
+
+
+@hookspec
+def lqmod_allocators() -> Iterable[AllocatorSpec]:  # type: ignore[empty-body]
+    """Register allocators that choose one option per matrix under a storage budget.
+
+    Example (always the cheapest option)::
+
+        @lqmod.hookimpl
+        def lqmod_allocators():
+            def cheapest(table, budget_bits, config):
+                return {name: min(range(len(rows)), key=lambda i: rows[i][2])
+                        for name, rows in table.items()}
+            yield AllocatorSpec("cheapest", QuantizerConfig, cheapest)
+    """

@@ -1,0 +1,5 @@
+"""Modules: the generic quantized LoRA linear layer."""
+
+from lqmod.nn.lora_linear import LoRALinear, QuantizedBase
+
+__all__ = ["LoRALinear", "QuantizedBase"]

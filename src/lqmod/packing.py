@@ -1,0 +1,68 @@
+"""Bit packing shared by quantizers that store k-bit codes.
+
+Codes are packed most-significant-bit first as one bit stream: for 4 bits the first code
+is the high nibble of byte 0 (bitsandbytes' order), for 2 bits the first code is bits 7-6,
+for 3 bits eight codes fill three bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lqmod.types import packed_nbytes
+
+__all__ = ["pack_codes", "packed_nbytes", "unpack_codes"]
+
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes; supported widths: {SUPPORTED_BITS}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` into a flat uint8 tensor of ``ceil(n*bits/8)`` bytes."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-flat.numel()) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        groups = flat.view(-1, per).to(torch.int32)
+        shifts = torch.arange(per - 1, -1, -1, device=flat.device, dtype=torch.int32) * bits
+        return (groups << shifts).sum(dim=1).to(torch.uint8)
+    # Widths that do not divide 8: write the bit stream explicitly.
+    n = flat.numel()
+    positions = torch.arange(bits - 1, -1, -1, device=flat.device, dtype=torch.uint8)
+    stream = ((flat.unsqueeze(1) >> positions) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = (1 << torch.arange(7, -1, -1, device=flat.device, dtype=torch.int32))
+    out = (stream.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+    assert out.numel() == packed_nbytes(n, bits)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``n`` codes as int64."""
+    _check_bits(bits)
+    flat = packed.reshape(-1)
+    if flat.numel() < packed_nbytes(n, bits):
+        raise ValueError(f"{flat.numel()} packed bytes cannot hold {n} codes of {bits} bits")
+    if bits == 8:
+        return flat[:n].long()
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per - 1, -1, -1, device=flat.device, dtype=torch.uint8) * bits
+        mask = (1 << bits) - 1
+        codes = (flat.unsqueeze(1) >> shifts) & mask
+        return codes.reshape(-1)[:n].long()
+    positions = torch.arange(7, -1, -1, device=flat.device, dtype=torch.uint8)
+    stream = ((flat.unsqueeze(1) >> positions) & 1).reshape(-1)[: n * bits]
+    weights = 1 << torch.arange(bits - 1, -1, -1, device=flat.device, dtype=torch.int64)
+    return (stream.view(n, bits).long() * weights).sum(dim=1)

@@ -1,0 +1,193 @@
+"""The plug-in registry: built-ins and third-party plug-ins, found the same way.
+
+Every plug-in, ours included, is announced through the ``lqmod`` entry-point group. A
+plug-in that fails to import is recorded in :attr:`Registry.failures`, warned about and
+skipped. Setting ``LQMOD_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points altogether
+(plug-ins can then be registered by hand with :meth:`Registry.register`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar
+
+import pluggy
+
+from lqmod import hookspecs
+from lqmod.types import AllocatorSpec, InitializerSpec, QuantizerSpec
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginClashError",
+    "PluginFailure",
+    "Registry",
+    "UnknownPluginError",
+    "get_registry",
+]
+
+ENTRY_POINT_GROUP = "lqmod"
+AUTOLOAD_ENV = "LQMOD_DISABLE_PLUGIN_AUTOLOAD"
+
+S = TypeVar("S", QuantizerSpec, InitializerSpec, AllocatorSpec)
+
+
+class PluginClashError(RuntimeError):
+    """Two plug-ins registered the same name."""
+
+
+class UnknownPluginError(KeyError):
+    """A name no plug-in registered. ``str()`` lists the available names."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    entry_point: str
+    distribution: str
+    error: str
+
+
+class Registry:
+    """Plug-ins by kind and name. Build once; look names up; never call it on the hot path."""
+
+    def __init__(self, *, autoload: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager("lqmod")
+        self.pm.add_hookspecs(hookspecs)
+        self.failures: list[PluginFailure] = []
+        self._origin: dict[str, str] = {}  # pluggy plugin name -> distribution
+        self._cache: dict[str, dict[str, Any]] = {}
+        if autoload is None:
+            autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in {"1", "true", "yes"}
+        if autoload:
+            self._load_entry_points()
+
+    # -- loading -----------------------------------------------------------------------
+
+    def _load_entry_points(self) -> None:
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
+            if self.pm.has_plugin(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plug-in must not take lqmod down with it
+                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
+                self.failures.append(failure)
+                warnings.warn(
+                    f"lqmod plug-in {ep.name!r} from {dist} failed to load and was skipped: "
+                    f"{failure.error}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            self.register(plugin, name=ep.name, distribution=dist)
+
+    def register(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
+        """Register a plug-in object (module or instance with ``@hookimpl`` functions)."""
+        registered = self.pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginClashError(f"plug-in {name!r} is already registered")
+        self._origin[registered] = distribution
+        self._cache.clear()
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self._cache.clear()
+
+    # -- lookup ------------------------------------------------------------------------
+
+    def _collect(self, hook: str, kind: str) -> dict[str, Any]:
+        if hook in self._cache:
+            return self._cache[hook]
+        found: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        caller = getattr(self.pm.hook, hook)
+        # Called impl by impl, not through the hook caller, so each registration is
+        # attributed to the distribution that made it (for the clash message).
+        for impl in caller.get_hookimpls():
+            dist = self._origin.get(impl.plugin_name, impl.plugin_name)
+            for spec in impl.function() or ():
+                if spec.name in found:
+                    raise PluginClashError(
+                        f"{kind} {spec.name!r} is registered twice: by {origin[spec.name]} "
+                        f"(plug-in {self._plugin_of(origin[spec.name])}) and by {dist} "
+                        f"(plug-in {impl.plugin_name!r}); uninstall one or disable it"
+                    )
+                found[spec.name] = spec
+                origin[spec.name] = dist
+        self._cache[hook] = found
+        self._cache[hook + ":origin"] = origin
+        return found
+
+    def _plugin_of(self, dist: str) -> str:
+        names = [p for p, d in self._origin.items() if d == dist]
+        return repr(names[0]) if names else "?"
+
+    def _get(self, hook: str, kind: str, name: str) -> Any:
+        table = self._collect(hook, kind)
+        if name not in table:
+            choices = ", ".join(sorted(table)) or "(none registered)"
+            raise UnknownPluginError(f"unknown {kind} {name!r}. Choose one of: {choices}")
+        return table[name]
+
+    def quantizers(self) -> dict[str, QuantizerSpec]:
+        return dict(self._collect("lqmod_quantizers", "quantizer"))
+
+    def initializers(self) -> dict[str, InitializerSpec]:
+        return dict(self._collect("lqmod_initializers", "initializer"))
+
+    def allocators(self) -> dict[str, AllocatorSpec]:
+        return dict(self._collect("lqmod_allocators", "allocator"))
+
+    def quantizer(self, name: str) -> QuantizerSpec:
+        spec: QuantizerSpec = self._get("lqmod_quantizers", "quantizer", name)
+        return spec
+
+    def initializer(self, name: str) -> InitializerSpec:
+        spec: InitializerSpec = self._get("lqmod_initializers", "initializer", name)
+        return spec
+
+    def allocator(self, name: str) -> AllocatorSpec:
+        spec: AllocatorSpec = self._get("lqmod_allocators", "allocator", name)
+        return spec
+
+    def origin(self, kind_hook: str, name: str) -> str:
+        self._collect(kind_hook, kind_hook)
+        return str(self._cache[kind_hook + ":origin"].get(name, "?"))
+
+    def describe(self) -> list[dict[str, str]]:
+        """One row per registration: kind, name, distribution, description."""
+        rows: list[dict[str, str]] = []
+        kinds: Iterable[tuple[str, str, Callable[[], dict[str, Any]]]] = (
+            ("quantizer", "lqmod_quantizers", self.quantizers),
+            ("initializer", "lqmod_initializers", self.initializers),
+            ("allocator", "lqmod_allocators", self.allocators),
+        )
+        for kind, hook, get in kinds:
+            for name, spec in sorted(get().items()):
+                rows.append(
+                    {
+                        "kind": kind,
+                        "name": name,
+                        "distribution": self.origin(hook, name),
+                        "description": spec.description,
+                    }
+                )
+        return rows
+
+
+_default: Registry | None = None
+
+
+def get_registry(*, reload: bool = False) -> Registry:
+    """The process-wide registry, built on first use."""
+    global _default
+    if _default is None or reload:
+        _default = Registry()
+    return _default
