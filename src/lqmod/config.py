@@ -17,6 +17,8 @@ __all__ = [
     "FrozenModel",
     "InitializerConfig",
     "LoRAConfig",
+    "Plan",
+    "PlanEntry",
     "QuantizerConfig",
     "TargetConfig",
     "validate_config",
@@ -90,6 +92,21 @@ class TargetConfig(FrozenModel):
         return any(re.search(p, name) for p in self.include) and not any(
             re.search(p, name) for p in self.exclude
         )
+
+
+class PlanEntry(FrozenModel):
+    """One matrix's choice: a registered quantizer's name and its config (validated later)."""
+
+    quantizer: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Plan(FrozenModel):
+    """Module name -> quantizer and config; what an allocator writes and ``quantize_model`` reads."""
+
+    version: int = CONFIG_VERSION
+    modules: dict[str, PlanEntry]
+    summary: dict[str, Any] = Field(default_factory=dict)
 
 
 def validate_config(model: type[FrozenModel], data: Any, *, what: str) -> Any:

