@@ -29,6 +29,7 @@ __all__ = [
     "iter_lora_layers",
     "lora_parameters",
     "quantize_model",
+    "replace_module",
     "set_adapters_enabled",
     "size_bytes",
 ]
@@ -84,7 +85,7 @@ def find_targets(model: nn.Module, targets: TargetConfig) -> list[str]:
     return [n for n, m in model.named_modules() if n and _is_linear_like(m) and targets.matches(n)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -203,7 +204,8 @@ def quantize_model(
                 name, tuple(qweight.shape), spec.name, qweight.config, qweight.bits_per_param(), float(err)
             )
         )
-        _replace(model, name, new)
+        new.origin = "conv1d" if _is_conv1d(module) else "linear"
+        replace_module(model, name, new)
         del module, weight, deq
     return report
 

@@ -78,6 +78,9 @@ class LoRALinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=lora.train_bias)
         self.dropout: nn.Module = nn.Dropout(lora.dropout) if lora.dropout > 0 else nn.Identity()
         self.adapters_enabled = True
+        # "conv1d" when this layer replaced a transformers Conv1D ((in, out) weight layout),
+        # so exports can rebuild the original module type.
+        self.origin = "linear"
         self._backend: KernelBackend | None = None
         self._backend_device: torch.device | None = None
 

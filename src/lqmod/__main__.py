@@ -1,0 +1,5 @@
+import sys
+
+from lqmod.cli import main
+
+sys.exit(main())

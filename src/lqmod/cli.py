@@ -1,0 +1,171 @@
+"""The ``lqmod`` command line: plugins, quantize, finetune, export-peft, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from lqmod.config import ConfigError
+
+__all__ = ["main", "parse_kv"]
+
+console = Console(width=110)
+
+
+def parse_kv(text: str | None) -> dict[str, Any]:
+    """``"bits=4,blocksize=64,double_quant=false"`` -> dict with JSON-typed values."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "=" not in part:
+            raise ConfigError(f"config item {part!r} is not key=value (example: bits=4,blocksize=64)")
+        key, value = (s.strip() for s in part.split("=", 1))
+        try:
+            out[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from lqmod.plugins import get_registry
+
+    reg = get_registry()
+    table = Table(title="lqmod plug-ins")
+    for col in ("kind", "name", "distribution", "description"):
+        table.add_column(col)
+    for row in reg.describe():
+        table.add_row(row["kind"], row["name"], row["distribution"], row["description"])
+    console.print(table)
+    for f in reg.failures:
+        console.print(f"[red]failed to load[/] {f.entry_point} ({f.distribution}): {f.error}")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from lqmod.config import LoRAConfig, TargetConfig
+    from lqmod.hf import load_local_model
+    from lqmod.io import save_checkpoint
+    from lqmod.model import quantize_model
+
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else None
+    lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha else 2 * args.rank)
+    targets = TargetConfig(**({"include": tuple(args.include)} if args.include else {}),
+                           **({"exclude": tuple(args.exclude)} if args.exclude else {}))
+    model, _, where = load_local_model(args.model)
+    report = quantize_model(model, args.quantizer, parse_kv(args.config), lora=lora, targets=targets, plan=plan)
+    save_checkpoint(model, args.out, overwrite=args.overwrite, extra={"source_model": str(where.path)})
+    console.print(
+        f"quantized {len(report.layers)} layers ({report.n_params / 1e6:.2f}M params) at "
+        f"{report.bits_per_param:.3f} bits/param; wrote {args.out}"
+    )
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from lqmod.hf import load_local_model
+    from lqmod.io import load_checkpoint, save_checkpoint
+    from lqmod.train import TrainConfig, causal_lm_loss, distill_loss, finetune
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise FileNotFoundError(f"training text {path} not found (a UTF-8 file, one example per line)")
+    texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if len(ln.split()) >= 4]
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
+    model = load_checkpoint(args.checkpoint)
+    teacher, tokenizer, where = load_local_model(args.base)
+    if where.kind == "causal-lm":
+        del teacher
+        result = finetune(model, tokenizer, texts, lambda b: causal_lm_loss(model, b), cfg)
+    else:
+        result = finetune(model, tokenizer, texts, lambda b: distill_loss(model, teacher, b), cfg)
+    save_checkpoint(model, args.out, overwrite=args.overwrite)
+    console.print(f"loss {result.first:.4f} -> {result.last:.4f} over {len(result.losses)} steps; wrote {args.out}")
+    return 0
+
+
+def _cmd_export_peft(args: argparse.Namespace) -> int:
+    from lqmod.io import export_peft, load_checkpoint
+
+    export_peft(load_checkpoint(args.checkpoint), args.out, overwrite=args.overwrite)
+    console.print(f"wrote PEFT adapter to {args.out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lqmod.demo import run_demo
+
+    run_demo(steps=args.steps, console=console)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("plugins", help="list registered quantizers, initializers, allocators").set_defaults(
+        func=_cmd_plugins
+    )
+
+    q = sub.add_parser("quantize", help="quantize a local model and attach LoRA adapters")
+    q.add_argument("model", help="minilm, smollm2, a local transformers directory or a .gguf file")
+    q.add_argument("--quantizer", default="nf")
+    q.add_argument("--config", default="", help="quantizer config as key=value pairs, e.g. bits=4,blocksize=64")
+    q.add_argument("--plan", help="a plan JSON (module -> quantizer, config) instead of --quantizer")
+    q.add_argument("--include", nargs="*", help="regexes of module names to quantize")
+    q.add_argument("--exclude", nargs="*", help="regexes of module names to leave alone")
+    q.add_argument("--rank", type=int, default=8)
+    q.add_argument("--alpha", type=float, default=None)
+    q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_cmd_quantize)
+
+    f = sub.add_parser("finetune", help="train a checkpoint's adapters on a text file")
+    f.add_argument("checkpoint")
+    f.add_argument("--base", required=True, help="the unquantized model: teacher for encoders, tokenizer for LMs")
+    f.add_argument("--text", required=True)
+    f.add_argument("--steps", type=int, default=50)
+    f.add_argument("--lr", type=float, default=2e-3)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--max-length", type=int, default=64)
+    f.add_argument("--out", required=True)
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=_cmd_finetune)
+
+    e = sub.add_parser("export-peft", help="write a checkpoint's adapters in PEFT's format")
+    e.add_argument("checkpoint")
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_cmd_export_peft)
+
+    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 to NF4, finetune LoRA, compare")
+    d.add_argument("--steps", type=int, default=60)
+    d.set_defaults(func=_cmd_demo)
+
+    try:
+        from lqmod.bench.command import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        # User errors get one clear line, not a traceback.
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

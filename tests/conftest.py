@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests run offline: no model or dataset hub is reachable."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lqmod  # noqa: E402
+
+
+@pytest.fixture
+def registry() -> lqmod.Registry:
+    return lqmod.get_registry()
+
+
+@pytest.fixture
+def nf_spec(registry: lqmod.Registry) -> lqmod.QuantizerSpec:
+    return registry.quantizer("nf")
+
+
+@pytest.fixture
+def tiny_llama() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_gpt2() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    try:
+        from lqmod.hf import resolve_model
+
+        return str(resolve_model("minilm").path)
+    except FileNotFoundError as exc:
+        pytest.skip(f"real MiniLM weights unavailable: {exc}")
