@@ -24,7 +24,7 @@ __all__ = ["materialized_linear"]
 
 class _MaterializedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         backend: KernelBackend,

@@ -53,7 +53,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from lqmod.hf import load_local_model
     from lqmod.io import save_checkpoint
     from lqmod.model import quantize_model
+    from lqmod.plugins import get_registry
+    from lqmod.quantize import resolve_config
 
+    # Names and values are checked before the (slow) model load.
+    if not args.plan:
+        resolve_config(get_registry().quantizer(args.quantizer), parse_kv(args.config))
     plan = json.loads(Path(args.plan).read_text()) if args.plan else None
     lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha else 2 * args.rank)
     targets = TargetConfig(**({"include": tuple(args.include)} if args.include else {}),

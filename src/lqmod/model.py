@@ -64,7 +64,9 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight.data
     if _is_conv1d(module):
-        return module.weight.data.t()
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.data.t()
     raise TypeError(
         f"cannot quantize {type(module).__name__}: supported are torch.nn.Linear and "
         "transformers' Conv1D"
@@ -201,7 +203,7 @@ def quantize_model(
             err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
         report.layers.append(
             LayerReport(
-                name, tuple(qweight.shape), spec.name, qweight.config, qweight.bits_per_param(), float(err)
+                name, (qweight.shape[0], qweight.shape[1]), spec.name, qweight.config, qweight.bits_per_param(), float(err)
             )
         )
         new.origin = "conv1d" if _is_conv1d(module) else "linear"

@@ -29,7 +29,9 @@ def resolve_config(spec: QuantizerSpec, config: Any) -> QuantizerConfig:
 
 def check_weight(weight: torch.Tensor, *, name: str = "weight") -> None:
     if weight.ndim != 2:
-        raise QuantizationError(f"{name}: expected a 2-D (out_features, in_features) matrix, got shape {tuple(weight.shape)}")
+        raise QuantizationError(
+            f"{name}: expected a 2-D (out_features, in_features) matrix, got shape {tuple(weight.shape)}"
+        )
     if not weight.is_floating_point():
         raise QuantizationError(f"{name}: expected a floating-point tensor, got {weight.dtype}")
     if weight.numel() == 0:

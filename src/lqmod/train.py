@@ -81,7 +81,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 def _batches(tokenizer: Any, texts: Sequence[str], cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
     rng = random.Random(cfg.seed)
     order = list(range(len(texts)))
-    out = []
+    out: list[dict[str, torch.Tensor]] = []
     while len(out) < cfg.steps:
         rng.shuffle(order)
         for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
