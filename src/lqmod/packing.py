@@ -24,6 +24,13 @@ def _check_bits(bits: int) -> None:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into a flat uint8 tensor of ``ceil(n*bits/8)`` bytes."""
     _check_bits(bits)
+    # An out-of-range code would not fail below: it would wrap (uint8) or carry into its
+    # neighbours' bits and corrupt them silently. Refuse it here, once per quantize call.
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(
+            f"codes must lie in [0, {1 << bits}) to be packed in {bits} bits; "
+            f"got values in [{int(codes.min())}, {int(codes.max())}]"
+        )
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()

@@ -72,10 +72,19 @@ class Registry:
     def _load_entry_points(self) -> None:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
-            if self.pm.has_plugin(ep.name):
-                continue
+            name = ep.name
+            if self.pm.has_plugin(name):
+                if self._origin.get(name) == dist:
+                    continue  # the same distribution seen twice on sys.path
+                # Entry-point names are only unique per distribution: a second distribution
+                # reusing one must still load (skipping it would hide its registrations and
+                # any name clash they cause), so it is registered under a qualified name.
+                name = f"{dist}:{ep.name}"
             try:
                 plugin = ep.load()
+                # Inside the try: pluggy rejects hook implementations that do not match
+                # the hookspecs (e.g. a plug-in written for another lqmod version).
+                self.register(plugin, name=name, distribution=dist)
             except Exception as exc:  # a broken plug-in must not take lqmod down with it
                 failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
                 self.failures.append(failure)
@@ -85,14 +94,23 @@ class Registry:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                continue
-            self.register(plugin, name=ep.name, distribution=dist)
 
     def register(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
         """Register a plug-in object (module or instance with ``@hookimpl`` functions)."""
+        # pluggy would raise a bare ValueError (with its whole plug-in table) for these.
+        if name is not None and self.pm.has_plugin(name):
+            raise PluginClashError(
+                f"plug-in {name!r} from {distribution} is already registered "
+                f"(by {self._origin.get(name, '?')})"
+            )
+        if self.pm.is_registered(plugin):
+            raise PluginClashError(
+                f"plug-in object {plugin!r} from {distribution} is already registered as "
+                f"{self.pm.get_name(plugin)!r}"
+            )
         registered = self.pm.register(plugin, name=name)
-        if registered is None:
-            raise PluginClashError(f"plug-in {name!r} is already registered")
+        if registered is None:  # pluggy returns None for a blocked name
+            raise PluginClashError(f"plug-in {name!r} is blocked and cannot be registered")
         self._origin[registered] = distribution
         self._cache.clear()
 
@@ -107,6 +125,7 @@ class Registry:
             return self._cache[hook]
         found: dict[str, Any] = {}
         origin: dict[str, str] = {}
+        owner: dict[str, str] = {}  # registration name -> pluggy plug-in name
         caller = getattr(self.pm.hook, hook)
         # Called impl by impl, not through the hook caller, so each registration is
         # attributed to the distribution that made it (for the clash message).
@@ -116,18 +135,15 @@ class Registry:
                 if spec.name in found:
                     raise PluginClashError(
                         f"{kind} {spec.name!r} is registered twice: by {origin[spec.name]} "
-                        f"(plug-in {self._plugin_of(origin[spec.name])}) and by {dist} "
+                        f"(plug-in {owner[spec.name]!r}) and by {dist} "
                         f"(plug-in {impl.plugin_name!r}); uninstall one or disable it"
                     )
                 found[spec.name] = spec
                 origin[spec.name] = dist
+                owner[spec.name] = impl.plugin_name
         self._cache[hook] = found
         self._cache[hook + ":origin"] = origin
         return found
-
-    def _plugin_of(self, dist: str) -> str:
-        names = [p for p, d in self._origin.items() if d == dist]
-        return repr(names[0]) if names else "?"
 
     def _get(self, hook: str, kind: str, name: str) -> Any:
         table = self._collect(hook, kind)

@@ -27,7 +27,11 @@ class QuantizedBase(nn.Module):
         self.names = tuple(sorted(qweight.tensors))
         for name in self.names:
             self.register_buffer(name, qweight.tensors[name])
-        self._template = qweight
+        # The template keeps only metadata: holding the tensors here would keep a second copy
+        # alive after ``.to(device)`` moves the buffers.
+        self._template = QuantizedWeight(
+            qweight.quantizer, qweight.config, qweight.shape, {}, qweight.meta, qweight.dtype
+        )
 
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(
@@ -72,6 +76,7 @@ class LoRALinear(nn.Module):
         self.base = QuantizedBase(qweight)
         # Direct reference: the hot path never goes through the plug-in manager.
         self._materialize = spec.materialize
+        self._lut_format = spec.lut_format
         self.quantizer = spec.name
         self.lora_A = nn.Parameter(lora_a.detach().clone())
         self.lora_B = nn.Parameter(lora_b.detach().clone())
@@ -92,7 +97,7 @@ class LoRALinear(nn.Module):
 
     def backend(self, device: torch.device) -> KernelBackend:
         if self._backend is None or self._backend_device != device:
-            self._backend = select_backend(self.qweight, device)
+            self._backend = select_backend(self.qweight, device, lut_format=self._lut_format)
             self._backend_device = device
         return self._backend
 
