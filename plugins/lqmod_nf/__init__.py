@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import lqmod
 from lqmod.types import QuantizerSpec
+from lqmod_nf.kernel_format import lut_format
 from lqmod_nf.quantizer import NAME, NFConfig, bits_per_param, materialize, options, quantize
 
 __all__ = ["NFConfig", "lqmod_quantizers", "materialize", "quantize"]
@@ -20,5 +21,6 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         materialize=materialize,
         bits_per_param=bits_per_param,
         options=options,
+        lut_format=lut_format,
         description="NormalFloat k-bit (QLoRA NF4 at bits=4), block-wise absmax, double quantization",
     )

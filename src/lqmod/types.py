@@ -11,16 +11,19 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from lqmod.config import InitializerConfig, LoRAConfig, QuantizerConfig
 
+if TYPE_CHECKING:
+    from lqmod.kernels.formats import LutFormat
+
 __all__ = [
     "AllocatorSpec",
-    "InitializerSpec",
     "InitResult",
+    "InitializerSpec",
     "LayerStats",
     "Option",
     "QuantizedWeight",
@@ -106,7 +109,8 @@ class QuantizedWeight:
             raise ValueError(
                 f"quantized weight ({header['quantizer']}) lacks tensors {sorted(missing)}"
             )
-        dtype = getattr(torch, str(header["dtype"]))
+        # A default, so an unknown name ("float99") is the ValueError below, not an AttributeError.
+        dtype = getattr(torch, str(header["dtype"]), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {header['dtype']!r} in quantized weight header")
         shape = tuple(int(s) for s in header["shape"])
@@ -166,6 +170,9 @@ class QuantizerSpec:
     produce, metadata included, without quantizing. ``options()`` lists the configs an
     allocator may choose from. ``needs`` names the statistics ``quantize`` requires
     ("hessian", "fisher").
+    ``lut_format(qweight)``, optional, describes the weight as a
+    :class:`~lqmod.kernels.formats.LutFormat` (codes -> table -> per-group scale/offset) so
+    the Triton kernels can run it, or returns None for configurations they cannot.
     """
 
     name: str
@@ -176,6 +183,7 @@ class QuantizerSpec:
     options: Callable[[], Iterable[QuantizerConfig]] = lambda: ()
     needs: frozenset[str] = frozenset()
     description: str = ""
+    lut_format: Callable[[QuantizedWeight], LutFormat | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and devices they support and are imported lazily, so ``import lqmod`` never impo
 
 from __future__ import annotations
 
-from lqmod.kernels.base import KernelBackend, select_backend
+from lqmod.kernels.base import Capabilities, KernelBackend, select_backend
+from lqmod.kernels.formats import LutFormat
 
-__all__ = ["KernelBackend", "select_backend"]
+__all__ = ["Capabilities", "KernelBackend", "LutFormat", "select_backend"]

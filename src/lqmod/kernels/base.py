@@ -1,12 +1,21 @@
-"""The backend interface and the choice between backends."""
+"""The backend interface, the capabilities a kernel declares, and the choice between backends."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
+from lqmod.kernels.formats import LutFormat
 from lqmod.types import Materialize, QuantizedWeight
+
+__all__ = ["BackendName", "Capabilities", "KernelBackend", "LutFormatFn", "select_backend"]
+
+LutFormatFn = Callable[[QuantizedWeight], "LutFormat | None"]
+BackendName = Literal["auto", "torch", "triton"]
 
 
 class KernelBackend(Protocol):
@@ -21,11 +30,94 @@ class KernelBackend(Protocol):
         ...
 
 
-def select_backend(qweight: QuantizedWeight, device: torch.device) -> KernelBackend:
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel handles, declared up front and checked before it is chosen.
+
+    ``devices`` holds device types ("cuda") and "interpreter" for Triton's CPU interpreter.
+    """
+
+    devices: frozenset[str]
+    bits: frozenset[int]
+    dtypes: frozenset[torch.dtype]
+    max_group_size: int | None = None
+    g_idx: bool = True
+    zeros: bool = True
+
+    def unsupported(self, fmt: LutFormat, device: str, dtype: torch.dtype | None = None) -> str | None:
+        """Why this kernel cannot run ``fmt`` on ``device`` with ``dtype`` inputs; None if it can."""
+        if device not in self.devices:
+            return f"device {device!r} not in {sorted(self.devices)}"
+        if fmt.bits not in self.bits:
+            return f"{fmt.bits}-bit codes not in {sorted(self.bits)}"
+        if dtype is not None and dtype not in self.dtypes:
+            return f"dtype {dtype} not in {sorted(str(d) for d in self.dtypes)}"
+        if self.max_group_size is not None and fmt.group_size > self.max_group_size:
+            return f"group_size {fmt.group_size} > {self.max_group_size}"
+        if fmt.g_idx is not None and not self.g_idx:
+            return "g_idx (act-order groups) unsupported"
+        if fmt.zeros is not None and not self.zeros:
+            return "zero offsets unsupported"
+        return None
+
+
+def select_backend(
+    qweight: QuantizedWeight,
+    device: torch.device,
+    *,
+    lut_format: LutFormatFn | None = None,
+    backend: BackendName | None = None,
+) -> KernelBackend:
     """The fastest backend that declares support for this weight's format on ``device``.
 
-    The reference backend supports everything and is the default on CPU.
+    ``lut_format`` is the quantizer's :attr:`~lqmod.types.QuantizerSpec.lut_format`; without
+    it only the torch reference applies. ``backend`` (default: "auto") forces a choice;
+    "auto" picks Triton on CUDA when triton imports and the format is supported, and the
+    torch reference on CPU unless ``LQMOD_TRITON_INTERPRET=1`` asks for Triton's
+    interpreter. An explicit "triton" that cannot run raises instead of falling back.
     """
     from lqmod.kernels.reference import REFERENCE
 
+    device = torch.device(device)
+    choice = backend or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown kernel backend {choice!r}; choose one of: auto, torch, triton")
+    # The environment variable is a process-wide preference: weights the interpreter
+    # cannot run quietly keep the reference. Only the explicit argument is strict.
+    wants_triton = choice == "triton" or (
+        choice == "auto"
+        and (device.type == "cuda" or _truthy(os.environ.get("LQMOD_TRITON_INTERPRET")))
+    )
+    if not wants_triton:
+        return REFERENCE
+    reason = _triton_unsupported(qweight, device, lut_format)
+    if reason is None:
+        from lqmod.kernels.triton.backend import TritonLutBackend
+
+        assert lut_format is not None
+        return TritonLutBackend(lut_format)
+    if choice == "triton":
+        raise ValueError(f"the triton backend cannot run {qweight.quantizer!r} weights: {reason}")
     return REFERENCE
+
+
+def _triton_unsupported(
+    qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None
+) -> str | None:
+    from lqmod.kernels.triton import device_kind, triton_available
+
+    if lut_format is None:
+        return "the quantizer declares no lut_format"
+    if not triton_available():
+        return "triton is not installed"
+    fmt = lut_format(qweight)
+    if fmt is None:
+        return "this weight's configuration has no LutFormat"
+    from lqmod.kernels.triton.backend import TILED
+
+    # The tiled kernel's capabilities are the backend's: what it cannot fuse, it tiles.
+    return TILED.unsupported(fmt, device_kind(device))
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
