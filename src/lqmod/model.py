@@ -203,7 +203,12 @@ def quantize_model(
             err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
         report.layers.append(
             LayerReport(
-                name, (qweight.shape[0], qweight.shape[1]), spec.name, qweight.config, qweight.bits_per_param(), float(err)
+                name,
+                (qweight.shape[0], qweight.shape[1]),
+                spec.name,
+                qweight.config,
+                qweight.bits_per_param(),
+                float(err),
             )
         )
         new.origin = "conv1d" if _is_conv1d(module) else "linear"
