@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import re
 import statistics
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gbs": round(bandwidth, 2),
         "bandwidth_source": "cli" if args.bandwidth_gbs else "measured copy (read + write)",
         "threads": torch.get_num_threads(),
+        # Other work on a shared machine inflates the medians; ms_min is the robust figure.
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "versions": _versions(),
         "lora_rank": RANK,
         "weight": "NF4, blocksize 64, double quantization",
