@@ -8,13 +8,13 @@ bitsandbytes) keep their normal mode.
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from lut_cases import ERRORS
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from lqmod.kernels.triton import triton_available
+
+HAS_TRITON = triton_available()
 HAS_CUDA = torch.cuda.is_available()
 
 

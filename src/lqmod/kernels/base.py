@@ -108,11 +108,11 @@ def _triton_unsupported(
 
     if lut_format is None:
         return "the quantizer declares no lut_format"
-    if not triton_available():
-        return "triton is not installed"
     fmt = lut_format(qweight)
     if fmt is None:
         return "this weight's configuration has no LutFormat"
+    if not triton_available():
+        return "triton is not installed"
     from lqmod.kernels.triton.backend import TILED
 
     # The tiled kernel's capabilities are the backend's: what it cannot fuse, it tiles.

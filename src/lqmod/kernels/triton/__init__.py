@@ -25,7 +25,10 @@ _DEQUANT = "lqmod.kernels.triton.dequant"
 
 def triton_available() -> bool:
     """Whether triton can be imported, without importing it."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked via sys.modules
+        return False
 
 
 def device_kind(device: torch.device) -> str:
