@@ -82,11 +82,15 @@ def token_splits(
     eval_end = n_eval * eval_ctx
     calib_end = eval_end + n_calib * ctx
     rest = (ids.numel() - calib_end) // ctx
-    if rest < n_train or eval_end == 0 and n_eval:
+    if rest < n_train or (eval_end == 0 and n_eval):
         raise ValueError(f"text has {ids.numel()} tokens: too few for the requested windows")
     order = list(range(rest))
     random.Random(seed).shuffle(order)
-    train = torch.stack([ids[calib_end + i * ctx : calib_end + (i + 1) * ctx] for i in order[:n_train]]) if n_train else ids.new_zeros(0, ctx)
+    train = (
+        torch.stack([ids[calib_end + i * ctx : calib_end + (i + 1) * ctx] for i in order[:n_train]])
+        if n_train
+        else ids.new_zeros(0, ctx)
+    )
     return TokenSplits(
         calib=ids[eval_end:calib_end].view(n_calib, ctx),
         eval=ids[:eval_end].view(n_eval, eval_ctx),

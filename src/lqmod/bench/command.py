@@ -32,11 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quantizers",
         default=None,
-        help='lqmod rows, e.g. "nf:bits=4,blocksize=64;rtn:bits=4" (default: NF rows plus every other registered quantizer)',
+        help='lqmod rows, e.g. "nf:bits=4,blocksize=64;rtn:bits=4" '
+        "(default: NF rows plus a bits sweep of every other registered quantizer)",
     )
-    p.add_argument("--baselines", default=None, help='baseline rows, e.g. "bnb-nf4:blocksize=64;hqq:bits=3"; "none" for none')
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, Markdown and PNG files")
-    p.add_argument("--n-calib", type=int, default=None, help="calibration sentences (encoder) or token windows (causal LM)")
+    p.add_argument(
+        "--baselines", default=None, help='baseline rows, e.g. "bnb-nf4:blocksize=64;hqq:bits=3"; "none" for none'
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, Markdown and PNG files"
+    )
+    p.add_argument(
+        "--n-calib", type=int, default=None, help="calibration sentences (encoder) or token windows (causal LM)"
+    )
     p.add_argument("--n-eval", type=int, default=None, help="held-out sentences (encoder) or eval windows (causal LM)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per calibration/training window (causal LM)")
     p.add_argument("--eval-ctx", type=int, default=512, help="tokens per perplexity window (causal LM)")
@@ -83,8 +90,10 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     print_tables(results)
     failed = [r["label"] for r in results["rows"] if r["status"] != "ok"]
-    print(f"wrote {args.out}/bench_{results['model']['name']}.* in {results['seconds']:.0f} s"
-          + (f"; {len(failed)} row(s) could not run (see table)" if failed else ""))  # fmt: skip
+    print(
+        f"wrote {args.out}/bench_{results['model']['name']}.* in {results['seconds']:.0f} s"
+        + (f"; {len(failed)} row(s) could not run (see table)" if failed else "")
+    )
     return 0
 
 

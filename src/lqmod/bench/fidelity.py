@@ -35,13 +35,20 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
     saved: dict[str, torch.Tensor] = {}
     try:
         for name, w in weights.items():
-            module = model.get_submodule(name)
-            saved[name] = module.weight.data
-            module.weight.data = w.to(saved[name].dtype).reshape(saved[name].shape)
+            weight = _weight(model, name)
+            saved[name] = weight.data
+            weight.data = w.to(saved[name].dtype).reshape(saved[name].shape)
         yield
     finally:
         for name, w in saved.items():
-            model.get_submodule(name).weight.data = w
+            _weight(model, name).data = w
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} has no weight tensor")
+    return weight
 
 
 def encode_batches(

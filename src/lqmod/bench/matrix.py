@@ -82,7 +82,11 @@ def parse_spec(text: str, kind: Kind | None = None) -> RowSpec:
         if not eq or not key:
             raise SpecError(f"bad item {item!r} in spec {text!r}: expected key=value")
         target, key = (
-            (lora, key[5:]) if key.startswith("lora.") else (init, key[5:]) if key.startswith("init.") else (config, key)
+            (lora, key[5:])
+            if key.startswith("lora.")
+            else (init, key[5:])
+            if key.startswith("init.")
+            else (config, key)
         )
         if key in target:
             raise SpecError(f"key {key!r} given twice in spec {text!r}")
@@ -124,9 +128,10 @@ _NF_FULL = (
 )
 # SmolLM2's GGUF weights already sit on a 4-bit grid with blocks of 32, so 4-bit rows there
 # use blocks of 64 and more, and the interesting comparisons are at 3 and 2 bits.
+# (Blocks of 128 do not fit its 576-wide rows either.)
 _NF_CAUSAL = (
     "nf:bits=4,blocksize=64,double_quant=false",
-    "nf:bits=4,blocksize=128,double_quant=true",
+    "nf:bits=4,blocksize=64,double_quant=true",
     "nf:bits=3,blocksize=64,double_quant=false",
     "nf:bits=2,blocksize=64,double_quant=false",
 )
@@ -143,19 +148,26 @@ _BASELINES_FULL = (
     "gptq:bits=3,group_size=64",
     "gptq:bits=2,group_size=64",
 )
-# HQQ and GPTQ cost minutes per row on a 135M model on two CPU cores: one row each, at 3 bits.
+# The same baselines on the causal LM, with 4-bit rows at blocks of 64 (see _NF_CAUSAL).
 _BASELINES_CAUSAL = (
     "bnb-nf4:blocksize=64,double_quant=false",
-    "bnb-nf4:blocksize=128,double_quant=true",
+    "bnb-nf4:blocksize=64,double_quant=true",
     "torchao-nf4:blocksize=64,scaler_blocksize=256",
+    "loftq:bits=4,rank=16,iters=1",
+    "hqq:bits=4,group_size=64",
     "hqq:bits=3,group_size=64",
+    "hqq:bits=2,group_size=64",
+    "gptq:bits=4,group_size=64",
     "gptq:bits=3,group_size=64",
+    "gptq:bits=2,group_size=64",
 )
 _NF_QUICK = ("nf:bits=4,blocksize=64,double_quant=false", "nf:bits=3,blocksize=64,double_quant=false")
 _BASELINES_QUICK = ("bnb-nf4:blocksize=64,double_quant=false", "torchao-nf4:blocksize=64,scaler_blocksize=256")
 
 
-def _other_quantizer_rows(names: Iterable[str], fields_of: Mapping[str, Iterable[str]], bits: Iterable[int]) -> list[str]:
+def _other_quantizer_rows(
+    names: Iterable[str], fields_of: Mapping[str, Iterable[str]], bits: Iterable[int]
+) -> list[str]:
     """Rows for registered quantizers the defaults do not name (e.g. a third party's ``rtn``).
 
     Only field names are assumed: ``bits`` is swept, a ``blocksize`` or ``group_size`` field
@@ -181,6 +193,8 @@ def default_rows(
     ``quantizer_fields`` maps every registered quantizer name to its config field names; the
     NF rows are fixed, every other registered quantizer gets a bits sweep.
     """
+    nf: tuple[str, ...]
+    bits: tuple[int, ...]
     if quick:
         nf, bits = _NF_QUICK, (4,)
     elif model_kind == "causal-lm":
@@ -193,6 +207,7 @@ def default_rows(
 
 
 def default_baselines(model_kind: str, *, quick: bool = False) -> list[RowSpec]:
+    specs: tuple[str, ...]
     if quick:
         specs = _BASELINES_QUICK
     elif model_kind == "causal-lm":

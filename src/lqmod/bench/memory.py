@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,8 @@ def _trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc), so a block's RSS growth is its own and
     not hidden by memory an earlier run freed but the allocator kept."""
     gc.collect()
-    try:
+    with suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @contextmanager

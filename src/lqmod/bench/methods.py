@@ -66,9 +66,14 @@ def _lqmod_method(row: RowSpec, registry: Registry) -> Method:
         if init_spec is None or lora is None:
             return Quantized(spec.materialize(qw, torch.float32), qw.storage_bits())
         init = init_spec.initialize(
-            weight=weight, qweight=qw, materialize=spec.materialize, lora=lora,
-            config=init_cfg, stats=stats, generator=generator,
-        )  # fmt: skip
+            weight=weight,
+            qweight=qw,
+            materialize=spec.materialize,
+            lora=lora,
+            config=init_cfg,
+            stats=stats,
+            generator=generator,
+        )
         qw = init.qweight or qw
         delta = (init.lora_b.float() @ init.lora_a.float()) * lora.scaling
         # Adapters count at 16 bits, as for the LoftQ baseline: the error includes them.

@@ -50,10 +50,18 @@ def error_vs_bits(results: Mapping[str, Any], path: Path) -> None:
                 continue
             lq = r["kind"] == "lqmod"
             ax.scatter(
-                r["bits_per_param"], r[key], marker="o" if lq else "^", s=60 if lq else 50,
-                color="tab:blue" if lq else "tab:orange", edgecolor="black", linewidth=0.5, zorder=3,
-            )  # fmt: skip
-            ax.annotate(short_label(r), (r["bits_per_param"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                r["bits_per_param"],
+                r[key],
+                marker="o" if lq else "^",
+                s=60 if lq else 50,
+                color="tab:blue" if lq else "tab:orange",
+                edgecolor="black",
+                linewidth=0.5,
+                zorder=3,
+            )
+            ax.annotate(
+                short_label(r), (r["bits_per_param"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
         ax.set_yscale("log")
         ax.set_xlabel("storage bits per parameter (metadata included)")
         ax.set_title(f"{title}, mean over layers", fontsize=10)

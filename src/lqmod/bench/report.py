@@ -27,7 +27,7 @@ def _num(v: Any, fmt: str) -> str:
 def _fid(row: Mapping[str, Any]) -> str:
     f = row.get("fidelity") or {}
     if f.get("metric") == "perplexity":
-        return f"ppl {f['value']:.2f}"
+        return f"ppl {f['value']:.2f}" if f["value"] < 1e4 else f"ppl {f['value']:.3g}"
     if f.get("metric") == "cosine":
         return f"cos {f['value']:.5f} (min {f['min']:.4f})"
     return ""
@@ -45,18 +45,31 @@ def quant_table(results: Mapping[str, Any]) -> list[list[str]]:
         status = "ok" + (f" ({'; '.join(r['notes'])})" if r.get("notes") else "")
         cells.append(
             [
-                r["label"], r.get("source", ""), status, _num(r["bits_per_param"], ".3f"),
-                _num(r["w_err"], ".5f"), _num(r.get("out_err"), ".5f"), _num(r.get("out_err_max"), ".5f"),
-                _fid(r), _num(r.get("seconds"), ".0f"),
+                r["label"],
+                r.get("source", ""),
+                status,
+                _num(r["bits_per_param"], ".3f"),
+                _num(r["w_err"], ".6g"),
+                _num(r.get("out_err"), ".6g"),
+                _num(r.get("out_err_max"), ".4g"),
+                _fid(r),
+                _num(r.get("seconds"), ".0f"),
             ]
-        )  # fmt: skip
+        )
     return cells
 
 
 FT_COLUMNS = (
-    "method", "base", "steps", "loss first→last", "fidelity before→after",
-    "saved for backward MiB", "peak RSS Δ MiB", "resident MiB", "s/step",
-)  # fmt: skip
+    "method",
+    "base",
+    "steps",
+    "loss first→last",
+    "fidelity before→after",
+    "saved for backward MiB",
+    "peak RSS Δ MiB",
+    "resident MiB",
+    "s/step",
+)
 
 
 def finetune_table(ft: Mapping[str, Any] | None) -> list[list[str]]:
@@ -70,13 +83,17 @@ def finetune_table(ft: Mapping[str, Any] | None) -> list[list[str]]:
         fmt = ".2f" if ft["fidelity_metric"] == "perplexity" else ".5f"
         cells.append(
             [
-                r["method"], r["base"], str(r["steps"]), f"{r['loss'][0]:.4f}→{r['loss'][-1]:.4f}",
+                r["method"],
+                r["base"],
+                str(r["steps"]),
+                f"{r['loss'][0]:.4f}→{r['loss'][-1]:.4f}",
                 f"{r['fidelity_before']:{fmt}}→{r['fidelity_after']:{fmt}}",
                 _num(r["saved_for_backward_bytes"] / 2**20, ".1f"),
                 _num(None if r.get("peak_rss_delta_bytes") is None else r["peak_rss_delta_bytes"] / 2**20, ".0f"),
-                _num(r["resident_bytes"] / 2**20, ".1f"), _num(r["seconds_per_step"], ".3f"),
+                _num(r["resident_bytes"] / 2**20, ".1f"),
+                _num(r["seconds_per_step"], ".3f"),
             ]
-        )  # fmt: skip
+        )
     return cells
 
 
@@ -95,6 +112,8 @@ def markdown_tables(results: Mapping[str, Any]) -> str:
     if ft:
         text += f"\nFinetuning ({ft['objective']}; memory: {ft['memory_note']})\n\n"
         text += _md(FT_COLUMNS, finetune_table(ft))
+        notes = [f"- {r['method']}: {n}" for r in ft["runs"] for n in r.get("notes", [])]
+        text += ("\nNotes:\n" + "\n".join(notes) + "\n") if notes else ""
     return text
 
 
@@ -122,6 +141,7 @@ def _atomic_write(path: Path, data: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
     os.replace(tmp, path)
 
 

@@ -102,7 +102,13 @@ def load_workload(s: BenchSettings) -> Workload:
     if kind == "causal-lm":
         ids = tokenizer(calib.wikitext_raw_text(), return_tensors="pt").input_ids[0]
         splits: Any = calib.token_splits(
-            ids, n_calib=s.n_calib, n_eval=s.n_eval, n_train=_n_train(s, kind), ctx=s.ctx, eval_ctx=s.eval_ctx, seed=s.seed
+            ids,
+            n_calib=s.n_calib,
+            n_eval=s.n_eval,
+            n_train=_n_train(s, kind),
+            ctx=s.ctx,
+            eval_ctx=s.eval_ctx,
+            seed=s.seed,
         )
         calib_batches = [{"input_ids": w.unsqueeze(0)} for w in splits.calib]
         eval_batches: list[dict[str, torch.Tensor]] = []
@@ -116,7 +122,11 @@ def load_workload(s: BenchSettings) -> Workload:
         reference = {"metric": "perplexity", "value": fidelity.perplexity(model, splits.eval, progress=s.progress)}
     else:
         with torch.inference_mode():
-            reference = {"metric": "cosine", "value": 1.0, "embeddings": fidelity.sentence_embeddings(model, eval_batches)}
+            reference = {
+                "metric": "cosine",
+                "value": 1.0,
+                "embeddings": fidelity.sentence_embeddings(model, eval_batches),
+            }
     reference["seconds"] = time.perf_counter() - t0
     return Workload(where.name, kind, model, tokenizer, targets, splits, grams, n_tokens, reference, eval_batches)
 
@@ -168,7 +178,7 @@ def run_row(row: RowSpec, w: Workload, *, progress: bool = True) -> dict[str, An
     return result
 
 
-def _fidelity(w: Workload) -> dict[str, float]:
+def _fidelity(w: Workload) -> dict[str, Any]:
     if w.kind == "causal-lm":
         assert isinstance(w.splits, calib.TokenSplits)
         ppl = fidelity.perplexity(w.model, w.splits.eval)

@@ -1,0 +1,1 @@
+"""Placeholder: being written (see issues 5 and 6)."""
