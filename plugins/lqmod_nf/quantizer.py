@@ -27,14 +27,19 @@ class NFConfig(QuantizerConfig):
     dq_blocksize: int = Field(256, ge=16, le=4096, description="absmax values per second-level scale")
 
 
-def quantize(weight: torch.Tensor, cfg: NFConfig, stats: LayerStats | None = None) -> QuantizedWeight:
-    out_f, in_f = weight.shape
+def _check_fits(cfg: NFConfig, in_f: int) -> None:
+    # Blocks never straddle rows, so that a row slice of the codes is a valid weight too.
     if in_f % cfg.blocksize:
         fits = [b for b in BLOCK_SIZES if in_f % b == 0]
         raise QuantizationError(
             f"in_features={in_f} is not a multiple of blocksize={cfg.blocksize}; "
             f"block sizes that fit this matrix: {fits or 'none'}"
         )
+
+
+def quantize(weight: torch.Tensor, cfg: NFConfig, stats: LayerStats | None = None) -> QuantizedWeight:
+    out_f, in_f = weight.shape
+    _check_fits(cfg, in_f)
     table = nf_table(cfg.bits, weight.device)
     codes, absmax = absmax_codes(weight.reshape(-1), table, cfg.blocksize)
     tensors = {"codes": pack_codes(codes, cfg.bits)}
@@ -63,6 +68,8 @@ def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def bits_per_param(cfg: NFConfig, shape: tuple[int, int]) -> float:
+    # Refuses what quantize refuses, so an allocator never prices an option it cannot build.
+    _check_fits(cfg, shape[1])
     n = shape[0] * shape[1]
     blocks = n // cfg.blocksize
     bits = packed_nbytes(n, cfg.bits) * 8
