@@ -42,13 +42,20 @@ class GPTQ(Baseline):
         lin = torch.nn.Linear(in_f, out_f, bias=False)
         lin.weight.data = weight.float().clone()
         cfg = QuantizeConfig(
-            bits=self.bits, group_size=self.group_size, desc_act=False, sym=self.sym, offload_to_disk=False
+            bits=self.bits,
+            group_size=self.group_size,
+            desc_act=False,
+            sym=self.sym,
+            offload_to_disk=False,
+            # 7.x turns on its activation-group-aware reordering by default; plain GPTQ is the
+            # algorithm every other GPTQ row (lqmod's optq, the papers) means.
+            act_group_aware=False,
         )
         g = _GPTQ(lin, cfg)
         g.quantizer.configure(perchannel=True)
         evals, evecs = torch.linalg.eigh(hessian.double())
         g.add_batch((evecs * evals.clamp(min=0).sqrt()).T.float().unsqueeze(0), None)
-        g.hf_quantize(group_size=self.group_size, actorder=False, percdamp=self.damp)
+        g.hf_quantize(group_size=self.group_size, actorder=False, percdamp=self.damp, act_group_aware=False)
         groups = -(-in_f // self.group_size) if self.group_size > 0 else 1
         bits = self.bits * weight.numel() + groups * out_f * (16 + self.bits) + 32 * in_f
         return Quantized(lin.weight.data.float().clone(), bits)

@@ -1,0 +1,113 @@
+"""The OPTQ quantizer: quantize, materialize and the exact storage cost.
+
+Stored tensors (their bytes *are* the storage cost):
+
+* ``codes``:  the ``bits``-bit codes of all weights, row-major in the *original* column order,
+  packed with :func:`lqmod.packing.pack_codes` (what :class:`~lqmod.kernels.formats.LutFormat`
+  reads, so the Triton kernels need no repacking);
+* ``scales``: (out_features, n_groups) float16;
+* ``zeros``:  asymmetric only, the ``bits``-bit integer zero points of ``scales``' groups, packed
+  alike (symmetric grids use the constant ``2**(bits-1)``);
+* ``g_idx``:  act-order with dynamic groups only, int32 (in_features,): the group of each column.
+
+The dense weight is ``(code - zero[o, g]) * scale[o, g]`` with ``g = g_idx[i]`` (or ``i //
+group_size``), computed in float32: a float16 scale times an integer below 2**9 is exact there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lqmod.packing import pack_codes, packed_nbytes, unpack_codes
+from lqmod.types import LayerStats, QuantizedWeight
+from lqmod_optq.algorithm import normalised_hessian, optq
+from lqmod_optq.config import NAME, OPTQConfig, group_size_for, n_groups_for, stores_g_idx
+
+__all__ = ["bits_per_param", "column_groups", "materialize", "quantize", "storage_bits", "zero_points"]
+
+
+def quantize(
+    weight: torch.Tensor,
+    cfg: OPTQConfig,
+    stats: LayerStats | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """OPTQ-quantize ``weight`` (out, in) with ``stats.hessian``; ``compute_dtype`` is for tests."""
+    out_f, in_f = weight.shape
+    group = group_size_for(cfg, in_f)
+    h = normalised_hessian(None if stats is None else stats.hessian, 0 if stats is None else stats.n_tokens, in_f)
+    res = optq(
+        weight.to(h.device),
+        h,
+        bits=cfg.bits,
+        group_size=group,
+        desc_act=cfg.desc_act,
+        static_groups=cfg.static_groups,
+        sym=cfg.sym,
+        damp=cfg.damp,
+        block_size=cfg.block_size,
+        dtype=compute_dtype,
+    )
+    device = weight.device
+    tensors = {
+        "codes": pack_codes(res.codes, cfg.bits).to(device),
+        "scales": res.scales.contiguous().to(device),
+    }
+    if not cfg.sym:
+        tensors["zeros"] = pack_codes(res.zeros, cfg.bits).to(device)
+    if stores_g_idx(cfg, in_f):
+        tensors["g_idx"] = res.g_idx.to(torch.int32).to(device)
+    meta = dict(res.meta)
+    if stats is not None:
+        meta["n_tokens"] = int(stats.n_tokens)
+    return QuantizedWeight(NAME, cfg.model_dump(), (out_f, in_f), tensors, meta=meta, dtype=weight.dtype)
+
+
+def column_groups(qweight: QuantizedWeight) -> torch.Tensor:
+    """int64 (in,): the group of every input column."""
+    cfg = qweight.config
+    in_f = qweight.shape[1]
+    if "g_idx" in qweight.tensors:
+        return qweight.tensors["g_idx"].long()
+    group = in_f if int(cfg["group_size"]) == -1 else int(cfg["group_size"])
+    return torch.arange(in_f, device=qweight.device) // group
+
+
+def zero_points(qweight: QuantizedWeight) -> torch.Tensor:
+    """int64 (out, n_groups) integer zero points (the constant 2**(bits-1) when symmetric)."""
+    bits = int(qweight.config["bits"])
+    scales = qweight.tensors["scales"]
+    if qweight.config["sym"]:
+        return torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64, device=scales.device)
+    return unpack_codes(qweight.tensors["zeros"], bits, scales.numel()).view(scales.shape)
+
+
+def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    # Reads the config dict directly: this runs in every forward and backward, and the
+    # config was validated when the weight was quantized.
+    out_f, in_f = qweight.shape
+    bits = int(qweight.config["bits"])
+    codes = unpack_codes(qweight.tensors["codes"], bits, out_f * in_f).view(out_f, in_f)
+    groups = column_groups(qweight)
+    q = codes - zero_points(qweight)[:, groups]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    dense = q.to(work) * qweight.tensors["scales"].to(work)[:, groups]
+    return dense.to(dtype)
+
+
+def storage_bits(cfg: OPTQConfig, shape: tuple[int, int]) -> int:
+    """Bits :func:`quantize` stores for a weight of ``shape`` (raises if the group size does not fit)."""
+    out_f, in_f = shape
+    groups = out_f * n_groups_for(cfg, in_f)
+    bits = packed_nbytes(out_f * in_f, cfg.bits) * 8 + groups * 16
+    if not cfg.sym:
+        bits += packed_nbytes(groups, cfg.bits) * 8
+    if stores_g_idx(cfg, in_f):
+        bits += in_f * 32
+    return bits
+
+
+def bits_per_param(cfg: OPTQConfig, shape: tuple[int, int]) -> float:
+    # Same integer numerator and denominator as QuantizedWeight.bits_per_param(): equal floats.
+    return storage_bits(cfg, shape) / (shape[0] * shape[1])
