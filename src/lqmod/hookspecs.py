@@ -83,12 +83,23 @@ def lqmod_initializers() -> Iterable[InitializerSpec]:  # type: ignore[empty-bod
 def lqmod_allocators() -> Iterable[AllocatorSpec]:  # type: ignore[empty-body]
     """Register allocators that choose one option per matrix under a storage budget.
 
+    ``allocate(problem, config)`` gets an :class:`~lqmod.types.AllocationProblem` (per
+    matrix the valid candidates ``(option, error, bits)``, their parameter counts, and
+    ``budget_bits``) and returns an :class:`~lqmod.types.AllocationResult`: the chosen
+    candidate index of every matrix, with a status. It raises
+    :class:`~lqmod.types.InfeasibleBudget` when even the cheapest choice does not fit.
+
     Example (always the cheapest option)::
+
+        from lqmod.config import FrozenModel
+        from lqmod.types import AllocationResult, AllocatorSpec
 
         @lqmod.hookimpl
         def lqmod_allocators():
-            def cheapest(table, budget_bits, config):
-                return {name: min(range(len(rows)), key=lambda i: rows[i][2])
-                        for name, rows in table.items()}
-            yield AllocatorSpec("cheapest", QuantizerConfig, cheapest)
+            def cheapest(problem, config):
+                problem.check_feasible()
+                choice = {name: min(range(len(rows)), key=lambda i: rows[i].bits)
+                          for name, rows in problem.candidates.items()}
+                return AllocationResult(choice, status="heuristic")
+            yield AllocatorSpec("cheapest", FrozenModel, cheapest)
     """
