@@ -1,4 +1,4 @@
-"""The ``lqmod`` command line: plugins, quantize, finetune, export-peft, bench, demo."""
+"""The ``lqmod`` command line: plugins, quantize, calibrate, finetune, export-peft, bench, demo."""
 
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from lqmod.calibration.command import quantize_with_calibration
     from lqmod.config import LoRAConfig, TargetConfig
     from lqmod.hf import load_local_model
     from lqmod.io import save_checkpoint
-    from lqmod.model import quantize_model
     from lqmod.plugins import get_registry
     from lqmod.quantize import resolve_config
 
@@ -63,8 +63,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha else 2 * args.rank)
     targets = TargetConfig(**({"include": tuple(args.include)} if args.include else {}),
                            **({"exclude": tuple(args.exclude)} if args.exclude else {}))
-    model, _, where = load_local_model(args.model)
-    report = quantize_model(model, args.quantizer, parse_kv(args.config), lora=lora, targets=targets, plan=plan)
+    model, tokenizer, where = load_local_model(args.model)
+    # Statistics are computed only when a chosen quantizer needs them (or --sequential asks).
+    report = quantize_with_calibration(
+        model, tokenizer, where.kind, args,
+        quantizer=args.quantizer, config=parse_kv(args.config), lora=lora, targets=targets, plan=plan,
+    )
     save_checkpoint(model, args.out, overwrite=args.overwrite, extra={"source_model": str(where.path)})
     console.print(
         f"quantized {len(report.layers)} layers ({report.n_params / 1e6:.2f}M params) at "
@@ -111,6 +115,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lqmod.calibration.command import add_quantize_options
+    from lqmod.calibration.command import register as register_calibrate
+
     p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -129,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", type=float, default=None)
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
+    add_quantize_options(q)
     q.set_defaults(func=_cmd_quantize)
+    register_calibrate(sub)
 
     f = sub.add_parser("finetune", help="train a checkpoint's adapters on a text file")
     f.add_argument("checkpoint")
@@ -159,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register(sub)
+    try:
+        from lqmod.allocation.command import register as register_plan
+    except ImportError:
+        pass
+    else:
+        register_plan(sub)
     return p
 
 

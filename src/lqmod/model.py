@@ -7,7 +7,7 @@ by transposing, so the quantized weight is always (out, in).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,16 +18,18 @@ from tqdm.auto import tqdm
 from lqmod.config import LoRAConfig, Plan, PlanEntry, TargetConfig, validate_config
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.plugins import Registry, get_registry
-from lqmod.quantize import quantize_weight
+from lqmod.quantize import QuantizationError, quantize_weight
 from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
 
 __all__ = [
+    "LayerQuantizer",
     "LayerReport",
     "QuantizeReport",
     "build_lora_linear",
     "find_targets",
     "iter_lora_layers",
     "lora_parameters",
+    "missing_stats_message",
     "quantize_model",
     "replace_module",
     "set_adapters_enabled",
@@ -135,6 +137,130 @@ def _resolve_entries(
     return {n: PlanEntry(quantizer=quantizer, config=cfg) for n in chosen}
 
 
+def missing_stats_message(name: str, quantizer: str, missing: Sequence[str]) -> str:
+    """The error for a layer whose quantizer needs statistics nobody supplied: what and how."""
+    how = {
+        "hessian": "lqmod.calibration.collect_hessians(model, names, batches)",
+        "fisher": "lqmod.calibration.fisher_stats(lqmod.calibration.diagonal_fisher(model, names, batches))",
+    }
+    recipes = "; ".join(f"{m!r}: {how.get(m, 'a LayerStats field ' + repr(m))}" for m in missing)
+    return (
+        f"layer {name!r}: quantizer {quantizer!r} needs calibration statistics {list(missing)} that were not "
+        f"supplied for this layer. Compute them on real text and pass stats={{name: LayerStats}} to "
+        f"quantize_model ({recipes}), or call lqmod.calibration.quantize_model_sequential(..., batches=...) "
+        "for Hessians; on the command line add --calib-text wikitext2 --n-calib N"
+    )
+
+
+def _missing_stats(spec: QuantizerSpec, layer_stats: LayerStats | None) -> list[str]:
+    return [s for s in sorted(spec.needs) if layer_stats is None or getattr(layer_stats, s, None) is None]
+
+
+class LayerQuantizer:
+    """The per-layer machinery of :func:`quantize_model`, resolved and checked once.
+
+    Building it validates every name and config (the model is untouched if that fails);
+    :meth:`quantize` then swaps one layer at a time, so a driver (e.g. the sequential,
+    block-by-block calibration in :mod:`lqmod.calibration`) can interleave statistics
+    gathering with quantization while producing exactly what ``quantize_model`` would.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        quantizer: str | None,
+        config: Any,
+        *,
+        lora: LoRAConfig | Mapping[str, Any] | None,
+        targets: TargetConfig | Mapping[str, Any] | None,
+        plan: Plan | Mapping[str, Any] | None,
+        registry: Registry | None,
+        seed: int,
+    ) -> None:
+        registry = registry or get_registry()
+        self.model = model
+        self.lora_cfg: LoRAConfig = validate_config(LoRAConfig, lora, what="lora config")
+        target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
+        self.entries = _resolve_entries(model, quantizer, config, target_cfg, plan)
+        self.init_spec = registry.initializer(self.lora_cfg.initializer)
+        self.init_cfg = validate_config(
+            self.init_spec.config_model,
+            self.lora_cfg.initializer_config,
+            what=f"{self.init_spec.name} initializer config",
+        )
+        # Resolve every quantizer and config before touching the model: a bad name or value fails
+        # fast and leaves the model as it was.
+        self.specs = {name: registry.quantizer(e.quantizer) for name, e in self.entries.items()}
+        for name, e in self.entries.items():
+            validate_config(self.specs[name].config_model, e.config, what=f"{e.quantizer} config for {name}")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def needs(self, name: str) -> frozenset[str]:
+        return self.specs[name].needs
+
+    def check_stats(self, stats: Mapping[str, LayerStats] | None, names: Sequence[str] | None = None) -> None:
+        """Raise a clear error naming the first layer whose quantizer lacks the statistics it needs."""
+        for name in self.entries if names is None else names:
+            missing = _missing_stats(self.specs[name], stats.get(name) if stats else None)
+            if missing:
+                raise QuantizationError(missing_stats_message(name, self.specs[name].name, missing))
+
+    def freeze(self) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def quantize(self, name: str, layer_stats: LayerStats | None) -> LayerReport:
+        """Quantize layer ``name``, attach its adapters and swap it into the model."""
+        model, spec = self.model, self.specs[name]
+        module = model.get_submodule(name)
+        missing = _missing_stats(spec, layer_stats)
+        if missing:
+            raise QuantizationError(missing_stats_message(name, spec.name, missing))
+        weight = _dense_weight(module)
+        qweight = quantize_weight(spec, weight, self.entries[name].config, layer_stats, name=name)
+        init = self.init_spec.initialize(
+            weight=weight,
+            qweight=qweight,
+            materialize=spec.materialize,
+            lora=self.lora_cfg,
+            config=self.init_cfg,
+            stats=layer_stats,
+            generator=self.generator,
+        )
+        if init.qweight is not None:
+            # The layer keeps the spec it was quantized with: a replacement base must be the
+            # same quantizer's weight of the same shape, or it would be materialized wrongly.
+            if init.qweight.quantizer != spec.name or tuple(init.qweight.shape) != tuple(qweight.shape):
+                raise ValueError(
+                    f"{name}: initializer {self.init_spec.name!r} returned a replacement base of quantizer "
+                    f"{init.qweight.quantizer!r} shape {tuple(init.qweight.shape)}; this layer needs a "
+                    f"{spec.name!r} weight of shape {tuple(qweight.shape)}"
+                )
+            qweight = init.qweight
+        bias = getattr(module, "bias", None)
+        new = build_lora_linear(
+            qweight.to(weight.device),
+            spec,
+            self.lora_cfg,
+            lora_a=init.lora_a.to(weight.device),
+            lora_b=init.lora_b.to(weight.device),
+            bias=None if bias is None else bias.data,
+        )
+        with torch.no_grad():
+            deq = spec.materialize(qweight, torch.float32)
+            err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+        new.origin = "conv1d" if _is_conv1d(module) else "linear"
+        replace_module(model, name, new)
+        return LayerReport(
+            name,
+            (qweight.shape[0], qweight.shape[1]),
+            spec.name,
+            qweight.config,
+            qweight.bits_per_param(),
+            float(err),
+        )
+
+
 def quantize_model(
     model: nn.Module,
     quantizer: str | None = "nf",
@@ -153,67 +279,17 @@ def quantize_model(
     Either one ``quantizer`` + ``config`` for every layer ``targets`` selects, or a ``plan``
     (module name -> quantizer and config, e.g. from an allocator). Layers are quantized one
     at a time and the dense weight dropped, so peak memory stays one layer above the model.
+    A quantizer whose ``spec.needs`` names statistics (``"hessian"``, ``"fisher"``) must get
+    them in ``stats``; a layer lacking them is an error before any layer is touched.
     """
-    registry = registry or get_registry()
-    lora_cfg: LoRAConfig = validate_config(LoRAConfig, lora, what="lora config")
-    target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
-    entries = _resolve_entries(model, quantizer, config, target_cfg, plan)
-    init_spec = registry.initializer(lora_cfg.initializer)
-    init_cfg = validate_config(
-        init_spec.config_model, lora_cfg.initializer_config, what=f"{init_spec.name} initializer config"
+    lq = LayerQuantizer(
+        model, quantizer, config, lora=lora, targets=targets, plan=plan, registry=registry, seed=seed
     )
-    # Resolve every quantizer and config before touching the model: a bad name or value fails
-    # fast and leaves the model as it was.
-    specs = {name: registry.quantizer(e.quantizer) for name, e in entries.items()}
-    for name, e in entries.items():
-        validate_config(specs[name].config_model, e.config, what=f"{e.quantizer} config for {name}")
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
+    lq.check_stats(stats)
+    lq.freeze()
     report = QuantizeReport()
-    for name in tqdm(list(entries), desc="quantizing", unit="layer", disable=not progress):
-        module = model.get_submodule(name)
-        spec = specs[name]
-        weight = _dense_weight(module)
-        layer_stats = stats.get(name) if stats else None
-        qweight = quantize_weight(spec, weight, entries[name].config, layer_stats, name=name)
-        init = init_spec.initialize(
-            weight=weight,
-            qweight=qweight,
-            materialize=spec.materialize,
-            lora=lora_cfg,
-            config=init_cfg,
-            stats=layer_stats,
-            generator=generator,
-        )
-        if init.qweight is not None:
-            qweight = init.qweight
-        bias = getattr(module, "bias", None)
-        new = build_lora_linear(
-            qweight.to(weight.device),
-            spec,
-            lora_cfg,
-            lora_a=init.lora_a.to(weight.device),
-            lora_b=init.lora_b.to(weight.device),
-            bias=None if bias is None else bias.data,
-        )
-        with torch.no_grad():
-            deq = spec.materialize(qweight, torch.float32)
-            err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
-        report.layers.append(
-            LayerReport(
-                name,
-                (qweight.shape[0], qweight.shape[1]),
-                spec.name,
-                qweight.config,
-                qweight.bits_per_param(),
-                float(err),
-            )
-        )
-        new.origin = "conv1d" if _is_conv1d(module) else "linear"
-        replace_module(model, name, new)
-        del module, weight, deq
+    for name in tqdm(list(lq.entries), desc="quantizing", unit="layer", disable=not progress):
+        report.layers.append(lq.quantize(name, stats.get(name) if stats else None))
     return report
 
 

@@ -11,8 +11,7 @@ per-layer activation statistics captured from it with forward hooks.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,18 +97,6 @@ def token_splits(
     )
 
 
-@contextmanager
-def _hooks(modules: dict[str, nn.Module], hook: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    handles = [
-        m.register_forward_hook(lambda _m, args, _out, _n=name: hook(_n, args[0])) for name, m in modules.items()
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @torch.inference_mode()
 def capture_grams(
     model: nn.Module,
@@ -122,41 +109,18 @@ def capture_grams(
 
     Each batch is the keyword arguments of one forward call; an ``attention_mask`` in it
     selects which positions count, so padding never enters the statistics. Modules fed the
-    same tensor (q/k/v, gate/up) share one product per batch instead of recomputing it.
+    same tensor (q/k/v, gate/up) share one product per batch. The work is done by the core's
+    :class:`lqmod.calibration.HessianAccumulator`; this keeps the benchmark's (grams, counts) shape.
     """
-    modules = {n: model.get_submodule(n) for n in names}
-    grams: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(names, 0)
-    state: dict[str, Any] = {"mask": None, "cache": {}}
+    from lqmod.calibration.hessian import HessianAccumulator
 
-    def hook(name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-        cached = state["cache"].get(key)
-        if cached is None:
-            mask = state["mask"]
-            rows = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-            rows = rows.float()
-            # float32 products, float64 accumulation: the per-batch sum is exact enough
-            # and float64 matmuls cost twice as much on CPU.
-            # The input itself is kept in the cache entry so its memory cannot be freed and
-            # reused by a later layer's input at the same address during this batch.
-            cached = ((rows.T @ rows).double(), rows.shape[0], x)
-            state["cache"][key] = cached
-        g, n, _ = cached
-        if name in grams:
-            grams[name] += g
-        else:
-            grams[name] = g.clone()
-        counts[name] += n
-
-    with _hooks(modules, hook):
+    acc = HessianAccumulator({n: model.get_submodule(n) for n in names})
+    with acc.attach():
         for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
             mask = batch.get("attention_mask")
-            state["mask"] = None if mask is None else mask.bool()
-            state["cache"] = {}
+            acc.start_batch(mask if isinstance(mask, torch.Tensor) else None)
             model(**batch)
-    state["cache"] = {}
-    return grams, counts
+    return dict(acc.grams), dict(acc.counts)
 
 
 WIKITEXT = "WikiText-2 raw (wiki.test.raw), CC BY-SA 3.0, Merity et al. 2016"

@@ -1,7 +1,7 @@
 """One interface over every row: lqmod quantizers (through the plug-in registry) and baselines.
 
 :func:`build_method` turns a :class:`~lqmod.bench.matrix.RowSpec` into a :class:`Method`
-whose ``quantize(weight, hessian, n_tokens)`` returns a
+whose ``quantize(weight, hessian, n_tokens, fisher=None)`` returns a
 :class:`~lqmod.bench.baselines.Quantized`. Anything that prevents the row from running (an
 unregistered name, a rejected config, a missing package) raises :class:`Unavailable` or a
 ``ValueError`` whose message becomes the row's reason.
@@ -10,8 +10,8 @@ unregistered name, a rejected config, a missing package) raises :class:`Unavaila
 from __future__ import annotations
 
 import importlib.metadata as md
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -24,7 +24,10 @@ from lqmod.types import LayerStats
 
 __all__ = ["Method", "Unavailable", "build_method"]
 
-QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None", int], Quantized]
+class QuantizeFn(Protocol):
+    def __call__(
+        self, weight: torch.Tensor, hessian: torch.Tensor | None, n_tokens: int, fisher: torch.Tensor | None = None
+    ) -> Quantized: ...
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Method:
     source: str  # package (and version) or plug-in distribution that does the work
     needs_hessian: bool
     quantize: QuantizeFn
+    needs_fisher: bool = False
 
 
 def _dist_version(dist: str) -> str:
@@ -48,7 +52,7 @@ def _lqmod_method(row: RowSpec, registry: Registry) -> Method:
     except UnknownPluginError as exc:
         raise Unavailable(f"not registered: {exc}") from None
     cfg = resolve_config(spec, dict(row.config))
-    unsupported = sorted(spec.needs - {"hessian"})
+    unsupported = sorted(spec.needs - {"hessian", "fisher"})
     if unsupported:
         raise Unavailable(f"needs statistics the benchmark does not collect: {unsupported}")
     lora = validate_config(LoRAConfig, dict(row.lora), what="lora config") if row.lora else None
@@ -60,8 +64,11 @@ def _lqmod_method(row: RowSpec, registry: Registry) -> Method:
         )
     generator = torch.Generator().manual_seed(0)
 
-    def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, n_tokens: int) -> Quantized:
-        stats = LayerStats(hessian=hessian, n_tokens=n_tokens) if hessian is not None else None
+    def quantize(
+        weight: torch.Tensor, hessian: torch.Tensor | None, n_tokens: int, fisher: torch.Tensor | None = None
+    ) -> Quantized:
+        has = hessian is not None or fisher is not None
+        stats = LayerStats(hessian=hessian, n_tokens=n_tokens, fisher=fisher) if has else None
         qw = quantize_weight(spec, weight, cfg, stats)
         if init_spec is None or lora is None:
             return Quantized(spec.materialize(qw, torch.float32), qw.storage_bits())
@@ -81,7 +88,7 @@ def _lqmod_method(row: RowSpec, registry: Registry) -> Method:
         return Quantized(spec.materialize(qw, torch.float32) + delta, qw.storage_bits() + adapter_bits)
 
     dist = registry.origin("lqmod_quantizers", row.name)
-    return Method(row, _dist_version(dist), "hessian" in spec.needs, quantize)
+    return Method(row, _dist_version(dist), "hessian" in spec.needs, quantize, needs_fisher="fisher" in spec.needs)
 
 
 def build_method(row: RowSpec, registry: Registry) -> Method:
@@ -91,7 +98,9 @@ def build_method(row: RowSpec, registry: Registry) -> Method:
     baseline = make_baseline(row.name, dict(row.config))
     baseline.prepare()
 
-    def quantize(weight: torch.Tensor, hessian: torch.Tensor | None, n_tokens: int) -> Quantized:
+    def quantize(
+        weight: torch.Tensor, hessian: torch.Tensor | None, n_tokens: int, fisher: torch.Tensor | None = None
+    ) -> Quantized:
         return baseline.quantize(weight, hessian)
 
     return Method(row, baseline.source, baseline.needs_hessian, quantize)

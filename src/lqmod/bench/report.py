@@ -17,7 +17,18 @@ from typing import Any
 
 __all__ = ["finetune_table", "markdown_tables", "print_tables", "quant_table", "write_report"]
 
-QUANT_COLUMNS = ("row", "source", "status", "bits/param", "weight err", "output err", "output err max", "fidelity", "s")
+QUANT_COLUMNS = (
+    "row",
+    "source",
+    "status",
+    "bits/param",
+    "weight err",
+    "output err",
+    "output err max",
+    "fidelity",
+    "quantize s",
+    "quantize peak RSS Δ MiB",
+)
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -37,11 +48,12 @@ def quant_table(results: Mapping[str, Any]) -> list[list[str]]:
     """One list of cells per row (status and reason shown for rows that could not run)."""
     ref = results.get("reference", {})
     ref_fid = f"ppl {ref['value']:.2f}" if ref.get("metric") == "perplexity" else "cos 1"
-    cells = [["fp32 (unquantized)", "", "reference", "32", "0", "0", "0", ref_fid, ""]]
+    cells = [["fp32 (unquantized)", "", "reference", "32", "0", "0", "0", ref_fid, "", ""]]
     for r in results["rows"]:
         if r["status"] != "ok":
-            cells.append([r["label"], r.get("source", ""), f"{r['status']}: {r.get('reason', '')}", *[""] * 6])
+            cells.append([r["label"], r.get("source", ""), f"{r['status']}: {r.get('reason', '')}", *[""] * 7])
             continue
+        peak = r.get("quantize_peak_rss_delta_bytes")
         status = "ok" + (f" ({'; '.join(r['notes'])})" if r.get("notes") else "")
         cells.append(
             [
@@ -53,7 +65,8 @@ def quant_table(results: Mapping[str, Any]) -> list[list[str]]:
                 _num(r.get("out_err"), ".6g"),
                 _num(r.get("out_err_max"), ".4g"),
                 _fid(r),
-                _num(r.get("seconds"), ".0f"),
+                _num(r.get("quantize_seconds"), ".1f"),
+                _num(None if peak is None else peak / 2**20, ".0f"),
             ]
         )
     return cells

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lqmod.bench import calib, fidelity
 from lqmod.bench.matrix import RowSpec, default_baselines, default_rows, parse_specs
+from lqmod.bench.memory import rss_peak_meter
 from lqmod.bench.methods import Unavailable, build_method
 from lqmod.bench.metrics import aggregate_layers, bits_per_param, cosine_rows, output_rel_error_gram, weight_rel_error
 from lqmod.config import DEFAULT_EXCLUDE, TargetConfig
@@ -74,6 +75,7 @@ class Workload:
     n_tokens: dict[str, int]
     reference: dict[str, Any]
     eval_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # filled by collect_fisher when a row needs it
 
 
 def finetune_batch(kind: str, s: BenchSettings) -> int:
@@ -148,29 +150,35 @@ def run_row(row: RowSpec, w: Workload, *, progress: bool = True) -> dict[str, An
     result["source"] = method.source
     layers, weights, notes = [], {}, set()
     name = "(before the first layer)"
+    # The peak resident-set growth while quantizing: temporaries such as a GPTQ inverse
+    # Hessian or an HQQ optimiser state, on top of the model that is resident anyway.
     try:
-        for name in tqdm(w.targets, desc=row.label[:40], unit="layer", disable=not progress, leave=False):
-            weight = w.model.get_submodule(name).weight.data.float()
-            q = method.quantize(weight, w.grams.get(name), w.n_tokens.get(name, 0))
-            if q.note:
-                notes.add(q.note)
-            layers.append(
-                {
-                    "name": name,
-                    "shape": list(weight.shape),
-                    "numel": weight.numel(),
-                    "storage_bits": int(q.storage_bits),
-                    "bits_per_param": bits_per_param(q.storage_bits, weight.numel()),
-                    "w_err": weight_rel_error(weight, q.weight),
-                    "out_err": output_rel_error_gram(w.grams[name], weight, q.weight) if name in w.grams else None,
-                }
-            )
-            weights[name] = q.weight
+        with rss_peak_meter() as peak:
+            for name in tqdm(w.targets, desc=row.label[:40], unit="layer", disable=not progress, leave=False):
+                weight = w.model.get_submodule(name).weight.data.float()
+                q = method.quantize(weight, w.grams.get(name), w.n_tokens.get(name, 0), w.fisher.get(name))
+                if q.note:
+                    notes.add(q.note)
+                layers.append(
+                    {
+                        "name": name,
+                        "shape": list(weight.shape),
+                        "numel": weight.numel(),
+                        "storage_bits": int(q.storage_bits),
+                        "bits_per_param": bits_per_param(q.storage_bits, weight.numel()),
+                        "w_err": weight_rel_error(weight, q.weight),
+                        "out_err": (
+                            output_rel_error_gram(w.grams[name], weight, q.weight) if name in w.grams else None
+                        ),
+                    }
+                )
+                weights[name] = q.weight
     except Exception as exc:  # a baseline failing on one layer must not stop the others
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         return {**result, "status": "error", "reason": f"at layer {name}: {detail}"}
     result.update(status="ok", notes=sorted(notes), **aggregate_layers(layers))
     result["quantize_seconds"] = time.perf_counter() - t0
+    result["quantize_peak_rss_delta_bytes"] = peak.get("delta")
     with fidelity.swapped_weights(w.model, weights):
         result["fidelity"] = _fidelity(w)
     result["seconds"] = time.perf_counter() - t0
@@ -201,6 +209,37 @@ def select_rows(s: BenchSettings, kind: str) -> list[RowSpec]:
     elif s.baselines.strip().lower() not in ("", "none"):
         rows += parse_specs(s.baselines, "baseline")
     return rows
+
+
+def rows_need_fisher(rows: list[RowSpec]) -> bool:
+    """Whether any lqmod row's quantizer declares ``"fisher"`` in its ``needs``."""
+    quantizers = get_registry().quantizers()
+    return any(r.kind == "lqmod" and r.name in quantizers and "fisher" in quantizers[r.name].needs for r in rows)
+
+
+def fisher_batches(w: Workload, *, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """The calibration split as Fisher batches (never the evaluation or training text).
+
+    Causal LM: one window per batch (next-token loss). Encoder: the calibration sentences
+    put back in corpus order, so rows (0, 1), (2, 3) ... of a batch are sentences that lie
+    close together in one article: the positive pairs of the in-batch contrastive loss.
+    """
+    if isinstance(w.splits, calib.TokenSplits):
+        return [{"input_ids": x.unsqueeze(0)} for x in w.splits.calib]
+    from lqmod.data import wikitext_sentences
+
+    position = {sent: i for i, sent in reversed(list(enumerate(s.strip() for s in wikitext_sentences())))}
+    ordered = sorted(w.splits.calib, key=lambda sent: position.get(sent, len(position)))
+    return fidelity.encode_batches(w.tokenizer, ordered, batch_size=batch_size)
+
+
+def collect_fisher(w: Workload, *, progress: bool = True) -> None:
+    """Fill ``w.fisher`` with the diagonal empirical Fisher of every target (lqmod.calibration)."""
+    from lqmod.calibration import diagonal_fisher
+
+    t0 = time.perf_counter()
+    w.fisher = diagonal_fisher(w.model, w.targets, fisher_batches(w), progress=progress)
+    w.reference["fisher_seconds"] = time.perf_counter() - t0
 
 
 def run_rows(rows: list[RowSpec], w: Workload, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -234,6 +273,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     w = load_workload(settings)
     s = settings.resolved(w.kind)
     rows = select_rows(s, w.kind)
+    if rows_need_fisher(rows):
+        collect_fisher(w, progress=s.progress)
     results = run_rows(rows, w, progress=s.progress)
     ft = finetune.run_finetune(w, s) if s.finetune_steps > 0 else None
     ref = {k: v for k, v in w.reference.items() if k != "embeddings"}

@@ -19,7 +19,7 @@ import lqmod
 from lqmod_optq.algorithm import normalised_hessian
 from lqmod_optq.gptq_format import from_gptq, to_gptq
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.gptqmodel]
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 try:
     from gptqmodel.nn_modules.qlinear import PackableQuantLinear

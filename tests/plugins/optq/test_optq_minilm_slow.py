@@ -20,7 +20,7 @@ import torch
 import lqmod
 from lqmod.types import LayerStats
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.gptqmodel]
 
 SETTINGS = [(4, 128), (4, -1), (3, 128), (3, -1)]  # (bits, group_size); asymmetric min-max grid
 N_CALIB, N_HELD_OUT, MAX_LEN = 128, 48, 96
