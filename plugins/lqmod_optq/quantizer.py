@@ -47,6 +47,7 @@ def quantize(
         sym=cfg.sym,
         damp=cfg.damp,
         block_size=cfg.block_size,
+        group_fit=cfg.group_fit,
         dtype=compute_dtype,
     )
     device = weight.device

@@ -94,7 +94,7 @@ def test_matches_unblocked_float64_reference(
     want, want_codes = reference_optq(w, h, bits=bits, group_size=group_size, sym=sym, damp=0.01, desc_act=desc_act)
     res = optq(
         w, h, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=0.01,
-        block_size=block_size, dtype=torch.float64,
+        block_size=block_size, group_fit="updated", dtype=torch.float64,
     )  # fmt: skip
     # The blocked sweep sums the same updates in another order: float64 noise only, so no
     # code may differ (a rounding tie at 1e-16 would be the only excuse, and none occurs here).
@@ -104,7 +104,10 @@ def test_matches_unblocked_float64_reference(
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
     # The float32 sweep used by quantize() agrees up to float32 rounding near ties.
-    res32 = optq(w, h, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=0.01, block_size=block_size)
+    res32 = optq(
+        w, h, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, damp=0.01, block_size=block_size,
+        group_fit="updated",
+    )  # fmt: skip
     agree = float((res32.codes == want_codes).double().mean())
     assert agree > 0.99, f"float32 codes agree with the float64 reference on only {agree:.4f}"
     got32 = (res32.codes - res32.zeros[:, res32.g_idx]).double() * res32.scales.double()[:, res32.g_idx]
@@ -178,7 +181,7 @@ def test_block_size_does_not_change_the_result(problem: tuple[torch.Tensor, torc
     w, _, stats = problem
     spec = lqmod.get_registry().quantizer("optq")
     dense = [
-        spec.materialize(optq_quantize(w, OPTQConfig(bits=3, group_size=16, block_size=b), stats,
+        spec.materialize(optq_quantize(w, OPTQConfig(bits=3, group_size=16, block_size=b, group_fit="updated"), stats,
                                        compute_dtype=torch.float64), torch.float64)
         for b in (7, 16, 96)
     ]  # fmt: skip
@@ -245,3 +248,21 @@ def test_indefinite_hessian_gets_more_damping_then_fails_clearly() -> None:
     negative = LayerStats(hessian=-torch.eye(n, dtype=torch.float64), n_tokens=1)
     with pytest.raises(QuantizationError, match="not positive definite"):
         lqmod.quantize_weight(spec, w, {"group_size": 32}, negative)
+
+
+def test_group_fit_modes_agree_only_when_groups_start_on_block_boundaries(
+    problem: tuple[torch.Tensor, torch.Tensor, LayerStats],
+) -> None:
+    w, h, _ = problem
+
+    def run(group_fit: str, group_size: int, block_size: int) -> torch.Tensor:
+        res = optq(w, h, bits=3, group_size=group_size, sym=False, damp=0.01, block_size=block_size,
+                   group_fit=group_fit, dtype=torch.float64)  # fmt: skip
+        return res.codes
+
+    # Every group starts at a block start: no pending in-block updates, one definition.
+    assert torch.equal(run("reference", 32, 16), run("updated", 32, 16))
+    # Groups of 16 inside blocks of 48: the reference fit ignores the block's pending updates.
+    assert not torch.equal(run("reference", 16, 48), run("updated", 16, 48))
+    with pytest.raises(lqmod.QuantizationError, match="group_fit"):
+        optq(w, h, bits=3, group_size=16, group_fit="other")

@@ -2,8 +2,8 @@
 all-MiniLM-L6-v2 is below NF, RTN and HQQ at equal or more bits per parameter.
 
 The full 36-matrix table is in plugins/lqmod_quip/README.md (``python
-tests/plugins/quip/quip_minilm_layers.py``); this test runs the first and last blocks (12
-matrices) to keep within a couple of CPU minutes.
+tests/plugins/quip/quip_minilm_layers.py``); this test runs the last block (6 matrices,
+the hardest ones) at 2 and 3 bits to stay within about a CPU minute in the suite.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_quip_beats_nf_rtn_hqq_on_minilm(minilm_dir: str) -> None:
 
     torch.set_num_threads(1)
     try:
-        rows = measure((0, 5), (2, 3, 4))
+        rows = measure((5,), (2, 3))
     except DataNotFoundError as exc:
         pytest.skip(f"WikiText-2 data unavailable: {exc}")
     print("\n" + table(rows))
@@ -34,9 +34,9 @@ def test_quip_beats_nf_rtn_hqq_on_minilm(minilm_dir: str) -> None:
     def pick(method: str) -> dict[str, Row]:
         return {r.layer: r for r in rows if r.method == method}
 
-    for bits, rivals in ((2, ("nf2-b64-dq", "rtn2-g64", "hqq2-g64")), (3, ("nf3-b64-dq",)), (4, ("nf4-b64-dq",))):
+    for bits, rivals in ((2, ("nf2-b64-dq", "rtn2-g64", "hqq2-g64")), (3, ("nf3-b64-dq",))):
         ours = pick(f"quip{bits}")
-        assert len(ours) == 12
+        assert len(ours) == 6
         for rival in rivals:
             theirs = pick(rival)
             for layer, r in ours.items():
