@@ -31,11 +31,12 @@ LQ="lq:rank=4;lq-fisher:rank=4"
 "$PYTHON" -m lqmod.bench.command bench --model minilm --out "$OUT" --finetune-steps 40 \
   --quantizers "$NF;$RTN;$OPTQ;$QUIP;$LQ" "$@"
 
-# SmolLM2-135M (a real causal LM; perplexity on 4x512 held-out WikiText-2 tokens): a smaller
+# SmolLM2-135M (a real causal LM; perplexity on 4x512 held-out WikiText-2 tokens; 32x256
+# calibration tokens, since 8x256 barely exceed the 1536 inputs of down_proj): a smaller
 # matrix, because each row re-evaluates a 135M-parameter model on 2 cores. 4-bit rows use
 # blocks >= 64: the GGUF weights already sit on a 4-bit grid with blocks of 32. No finetuning
 # here (about a minute per step on 2 cores); the finetuning comparison is MiniLM's.
-"$PYTHON" -m lqmod.bench.command bench --model smollm2 --out "$OUT" --finetune-steps 0 \
+"$PYTHON" -m lqmod.bench.command bench --model smollm2 --out "$OUT" --finetune-steps 0 --n-calib 32 \
   --quantizers "nf:bits=4,blocksize=64,double_quant=false;nf:bits=3,blocksize=64,double_quant=false;optq:bits=3,group_size=64" \
   --baselines "bnb-nf4:blocksize=64,double_quant=false;gptq:bits=3,group_size=64" "$@"
 
