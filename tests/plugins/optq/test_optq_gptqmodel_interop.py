@@ -123,22 +123,26 @@ def test_gptqmodel_loads_what_the_writer_packs(
     torch.testing.assert_close(y.float(), xs.float() @ dense16.float().T, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize(("group_fit", "gptqmodel_block"), [("reference", 128), ("updated", GROUP)])
 @pytest.mark.parametrize(("bits", "sym", "desc_act"), CASES)
 def test_same_algorithm_as_gptqmodel(
-    problem: tuple[torch.Tensor, torch.Tensor], bits: int, sym: bool, desc_act: bool
+    problem: tuple[torch.Tensor, torch.Tensor],
+    bits: int,
+    sym: bool,
+    desc_act: bool,
+    group_fit: str,
+    gptqmodel_block: int,
 ) -> None:
-    # Same settings, same Hessian, same proxy loss. GPTQModel's block size is set to the group
-    # size so that it, too, fits every group on fully error-updated weights (with groups
-    # starting inside a lazy block it reads a copy lacking the block's pending updates; see
-    # the README). The codes still drift apart (lqmod rounds scales to float16 before using
-    # them, GPTQModel after), so the check is on the loss the algorithm minimises.
+    # Same settings, same Hessian, same proxy loss. group_fit="reference" is GPTQModel's own
+    # group fitting at the same block size (128); group_fit="updated" fits every group on
+    # fully error-updated weights, which GPTQModel does too once its block size equals the
+    # group size (see the README). The codes still drift apart (lqmod rounds scales to
+    # float16 before using them, GPTQModel after), so the check is on the loss minimised.
     w, x = problem
-    lin, _ = _gptqmodel_quantize(w, x, bits, sym, desc_act, block_size=GROUP)
+    lin, _ = _gptqmodel_quantize(w, x, bits, sym, desc_act, block_size=gptqmodel_block)
     stats = hessian_stats(x)
     spec = lqmod.get_registry().quantizer("optq")
-    ours = spec.materialize(
-        lqmod.quantize_weight(spec, w, {"bits": bits, "group_size": GROUP, "sym": sym, "desc_act": desc_act}, stats),
-        torch.float32,
-    )
+    cfg = {"bits": bits, "group_size": GROUP, "sym": sym, "desc_act": desc_act, "group_fit": group_fit}
+    ours = spec.materialize(lqmod.quantize_weight(spec, w, cfg, stats), torch.float32)
     h = normalised_hessian(stats.hessian, stats.n_tokens, IN_F)
     assert objective(w, ours, h) == pytest.approx(objective(w, lin.weight.data, h), rel=0.04)
