@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,3 +51,30 @@ def minilm_dir() -> str:
         return str(resolve_model("minilm").path)
     except FileNotFoundError as exc:
         pytest.skip(f"real MiniLM weights unavailable: {exc}")
+
+
+# A word-level tokenizer over a small text, for causal-LM tests on tiny_llama (vocab 101).
+TEXT = (
+    "the quick brown fox jumps over the lazy dog . a quantized model learns a small adapter . "
+    "low rank updates train while the base weight stays frozen and quantized . "
+    "perplexity falls as the adapter learns the text . the dog sleeps and the fox runs . "
+) * 6
+
+
+@pytest.fixture(scope="session")
+def train_text() -> str:
+    return TEXT
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer() -> object:
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = sorted(set(re.findall(r"\S+", TEXT)))
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.pad_token = fast.eos_token
+    assert len(vocab) <= 101  # fits tiny_llama's vocabulary
+    return fast

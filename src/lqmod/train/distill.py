@@ -1,8 +1,7 @@
-"""Short LoRA finetuning loops and the fidelity measures they report.
+"""Embedding distillation for encoders: match an unquantized teacher's sentence
+embeddings (loss = 1 - cosine) on real sentences, and the fidelity measure it reports.
 
-Two objectives on real text: embedding distillation for encoders (match an unquantized
-teacher's sentence embeddings, loss = 1 - cosine) and next-token loss for causal LMs.
-Only adapter parameters are optimised.
+Causal LMs train with :func:`lqmod.train.train_causal_lm` instead.
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from lqmod.model import lora_parameters
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "causal_lm_loss",
     "distill_loss",
     "embed",
     "embedding_fidelity",
     "finetune",
-    "perplexity",
 ]
 
 
@@ -70,12 +67,6 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.
     with torch.no_grad():
         target = embed(teacher, batch)
     return (1 - (embed(student, batch) * target).sum(-1)).mean()
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    out = model(**batch, labels=labels)
-    return out.loss
 
 
 def _batches(tokenizer: Any, texts: Sequence[str], cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
@@ -140,18 +131,3 @@ def embedding_fidelity(
         total += float(sims.sum())
         n += sims.numel()
     return total / max(n, 1)
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, tokenizer: Any, text: str, *, context: int = 512, max_tokens: int = 8192) -> float:
-    """Perplexity over non-overlapping windows of ``context`` tokens of ``text``."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
-    nll, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, context):
-        window = ids[start : start + context].unsqueeze(0)
-        if window.numel() < 2:
-            break
-        out = model(input_ids=window, labels=window)
-        nll += float(out.loss) * (window.numel() - 1)
-        count += window.numel() - 1
-    return math.exp(nll / max(count, 1))
