@@ -1,0 +1,152 @@
+"""A frozen quantized linear layer, without an adapter: the base other libraries wrap.
+
+``y = x W_q^T + b`` with ``W_q = materialize(qweight)`` rebuilt from the quantized tensors in
+forward and again in backward (:func:`lqmod.autograd.materialized_linear`), so the dense
+weight is never saved for autograd. Adapters come from elsewhere: PEFT's LoRA/DoRA through
+:mod:`lqmod.integrations.peft`, or transformers' loading through
+:mod:`lqmod.integrations.transformers`.
+
+Code that needs a dense weight (PEFT's DoRA norms, merging, export) reads :attr:`weight` or
+calls :meth:`dequantize`: both materialize a fresh tensor on every call, which the layer
+does not keep.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from lqmod.autograd import materialized_linear
+from lqmod.kernels.base import KernelBackend, select_backend
+from lqmod.nn.lora_linear import QuantizedBase
+from lqmod.quantize import quantize_weight
+from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
+
+__all__ = ["QuantizedLinear"]
+
+
+class QuantizedLinear(nn.Module):
+    """``x @ materialize(qweight).T + bias``, differentiable in ``x`` only.
+
+    ``compute_dtype`` is the dtype the weight is materialized in when something asks for a
+    dense weight (:attr:`weight`); the forward pass materializes in the input's dtype.
+    ``materialize_in_backward=False`` keeps the dense weight for backward instead (the
+    QLoRA-style baseline), for comparisons.
+    """
+
+    def __init__(
+        self,
+        qweight: QuantizedWeight,
+        spec: QuantizerSpec,
+        bias: torch.Tensor | None = None,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        materialize_in_backward: bool = True,
+    ) -> None:
+        super().__init__()
+        if qweight.quantizer != spec.name:
+            raise ValueError(f"weight was quantized by {qweight.quantizer!r}, spec is {spec.name!r}")
+        out_features, in_features = qweight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+        self.in_features, self.out_features = in_features, out_features
+        self.base = QuantizedBase(qweight)
+        # Direct references: the hot path never goes through the plug-in manager.
+        self._spec = spec
+        self._materialize = spec.materialize
+        self.quantizer = spec.name
+        self.compute_dtype = compute_dtype or qweight.dtype
+        self.materialize_in_backward = materialize_in_backward
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._backend: KernelBackend | None = None
+        self._backend_device: torch.device | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        spec: QuantizerSpec,
+        config: object = None,
+        stats: LayerStats | None = None,
+        *,
+        name: str = "weight",
+    ) -> QuantizedLinear:
+        """Quantize an ``nn.Linear``'s weight with ``spec`` (validated) and keep its bias."""
+        qweight = quantize_weight(spec, linear.weight.detach(), config, stats, name=name)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(qweight, spec, bias, compute_dtype=linear.weight.dtype)
+
+    # -- the quantized weight ---------------------------------------------------------------
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        return self._spec
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        """The quantized weight, viewing this layer's buffers (no copy)."""
+        return self.base.qweight()
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in ``dtype`` (default :attr:`compute_dtype`), freshly
+        materialized and detached: nothing is kept, and no gradient flows into it."""
+        with torch.no_grad():
+            return self._materialize(self.qweight, dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A freshly materialized dense weight, for code that reads ``module.weight``
+        (PEFT's DoRA, device/dtype probes). Writing to it changes nothing: the layer's
+        state is the quantized tensors; re-quantize to change it."""
+        return self.dequantize()
+
+    def backend(self, device: torch.device) -> KernelBackend:
+        if self._backend is None or self._backend_device != device:
+            self._backend = select_backend(self.qweight, device, lut_format=self._spec.lut_format)
+            self._backend_device = device
+        return self._backend
+
+    def requantize(self, weight: torch.Tensor, stats: LayerStats | None = None) -> QuantizedLinear:
+        """A new layer holding ``weight`` quantized with this layer's quantizer and config."""
+        qweight = quantize_weight(self._spec, weight.detach(), self.qweight.config, stats)
+        bias = None if self.bias is None else self.bias.detach()
+        return type(self)(
+            qweight.to(self.device),
+            self._spec,
+            bias,
+            compute_dtype=self.compute_dtype,
+            materialize_in_backward=self.materialize_in_backward,
+        )
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        y = materialized_linear(
+            x,
+            self.qweight,
+            self._materialize,
+            self.backend(x.device),
+            save_dense=not self.materialize_in_backward,
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quantizer={self.quantizer}, bits_per_param={self.qweight.bits_per_param():.3f}"
+        )
+        # PEFT's "Target module ... is not supported" error prints the module: until the PEFT
+        # integration is imported, the repr names the one call that makes PEFT accept it.
+        if "lqmod.integrations.peft" not in sys.modules:
+            text += " [for PEFT: import lqmod.integrations.peft before creating the LoraConfig]"
+        return text
