@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lqmod
-from lqmod.plugins import AUTOLOAD_ENV, PluginClashError, PluginFailure, Registry, UnknownPluginError
+from lqmod.plugins import AUTOLOAD_ENV, DISABLE_ENV, PluginClashError, PluginFailure, Registry, UnknownPluginError
 from lqmod.types import QuantizerSpec
 
 # A complete (tiny) quantizer plug-in; {name} is the quantizer name it registers.
@@ -77,8 +77,9 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeSite]:
 
 @pytest.fixture(autouse=True)
 def _autoload_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The switch may be set in a developer's shell; these tests set it themselves.
+    # The switches may be set in a developer's shell; these tests set them themselves.
     monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
 
 
 def fresh_registry() -> Registry:
@@ -133,17 +134,27 @@ def test_get_registry_is_built_once() -> None:
 # -- clashes -----------------------------------------------------------------------------
 
 
+def _clash_warning_registry() -> Registry:
+    registry = Registry()
+    with pytest.warns(RuntimeWarning, match="registered twice"):
+        registry.quantizers()  # builds the table, finds (and warns about) the clash
+    return registry
+
+
 def test_name_clash_between_two_distributions_names_both(site: FakeSite) -> None:
     site.add("clash-one", "clash_one_plugin", QUANTIZER_PLUGIN.format(name="twin"))
     site.add("clash-two", "clash_two_plugin", QUANTIZER_PLUGIN.format(name="twin"))
-    registry = fresh_registry()
+    registry = _clash_warning_registry()
+    # Only the clashing name is an error; everything else works.
+    assert registry.quantizer("nf").name == "nf"
+    assert "twin" not in registry.quantizers()
     with pytest.raises(PluginClashError) as info:
-        registry.quantizer("nf")  # any lookup of the kind builds the table and finds the clash
+        registry.quantizer("twin")
     message = str(info.value)
     assert "quantizer 'twin' is registered twice" in message
-    for part in ("clash-one", "clash-two", "'clash_one_plugin'", "'clash_two_plugin'"):
+    for part in ("clash-one", "clash-two", "'clash_one_plugin'", "'clash_two_plugin'", "LQMOD_DISABLE_PLUGINS"):
         assert part in message
-    # Kinds without a clash still work.
+    assert any("twin" in f.entry_point and "registered twice" in f.error for f in registry.failures)
     assert "default" in registry.initializers()
 
 
@@ -151,11 +162,27 @@ def test_clash_with_a_builtin_names_the_builtin_plugin(site: FakeSite) -> None:
     # lqmod's distribution holds several plug-ins: the message must name the one that
     # registered "nf", not merely the first plug-in of that distribution.
     site.add("nf-impostor", "nf_impostor_plugin", QUANTIZER_PLUGIN.format(name="nf"))
+    registry = _clash_warning_registry()
     with pytest.raises(PluginClashError) as info:
-        fresh_registry().quantizers()
+        registry.quantizer("nf")
     message = str(info.value)
     assert "by lqmod (plug-in 'nf')" in message
     assert "nf-impostor (plug-in 'nf_impostor_plugin')" in message
+    # The rest of the tool keeps working: other quantizers, describe() (`lqmod plugins`).
+    assert registry.quantizer("rtn").name == "rtn"
+    assert {r["name"] for r in registry.describe()} >= {"rtn", "optq", "default"}
+
+
+def test_a_clash_is_resolved_by_disabling_one_plugin(site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    site.add("nf-impostor", "nf_impostor_plugin", QUANTIZER_PLUGIN.format(name="nf"))
+    monkeypatch.setenv(DISABLE_ENV, "nf-impostor")  # by distribution name
+    registry = fresh_registry()
+    assert registry.quantizer("nf").quantize.__module__.startswith("lqmod_nf")
+    assert registry.disabled == ["nf_impostor_plugin (nf-impostor)"]
+    monkeypatch.setenv(DISABLE_ENV, " rtn , nf_impostor_plugin")  # by entry-point name, spaces ignored
+    registry = fresh_registry()
+    assert "rtn" not in registry.quantizers()
+    assert {"nf", "optq"} <= set(registry.quantizers())
 
 
 def test_entry_point_name_reused_by_another_distribution_still_loads(site: FakeSite) -> None:
@@ -171,7 +198,50 @@ def test_entry_point_name_reused_by_another_distribution_still_loads(site: FakeS
 def test_entry_point_name_reuse_with_a_clashing_quantizer_is_reported(site: FakeSite) -> None:
     site.add("other-rtn", "other_rtn_plugin", QUANTIZER_PLUGIN.format(name="rtn"), entry_point="rtn")
     with pytest.raises(PluginClashError, match=r"lqmod-example-rtn.*other-rtn|other-rtn.*lqmod-example-rtn"):
-        fresh_registry().quantizers()
+        _clash_warning_registry().quantizer("rtn")
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (
+            "import lqmod\n@lqmod.hookimpl\ndef lqmod_quantizers():\n    raise RuntimeError('boom')\n    yield\n",
+            "RuntimeError: boom",
+        ),
+        (
+            "import lqmod\n@lqmod.hookimpl\ndef lqmod_quantizers():\n    yield 'not a spec'\n",
+            "must yield lqmod.types.QuantizerSpec",
+        ),
+        (
+            "import lqmod\n@lqmod.hookimpl\ndef lqmod_quantizer():\n    return []\n",
+            "did you mean 'lqmod_quantizers'",
+        ),
+    ],
+    ids=["hook-raises", "hook-yields-non-spec", "misspelled-hook"],
+)
+def test_a_broken_hook_is_reported_and_skipped(site: FakeSite, source: str, error: str) -> None:
+    site.add("broken-hook", "broken_hook_plugin", source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = Registry()
+        quantizers = registry.quantizers()
+    assert any("broken_hook_plugin" in str(w.message) for w in caught)
+    assert {"nf", "rtn"} <= set(quantizers)
+    assert [f.entry_point for f in registry.failures] == ["broken_hook_plugin"]
+    assert error in registry.failures[0].error
+    assert registry.failures[0].distribution == "broken-hook"
+
+
+def test_a_misspelled_hook_is_refused_on_manual_register() -> None:
+    class Typo:
+        @lqmod.hookimpl
+        def lqmod_alocators(self) -> list[object]:
+            return []
+
+    registry = Registry(autoload=False)
+    with pytest.raises(Exception, match="'lqmod_alocators', which lqmod does not have; did you mean 'lqmod_alloc"):
+        registry.register(Typo(), name="typo")
+    assert not registry.pm.has_plugin("typo")
 
 
 # -- unknown names -------------------------------------------------------------------------
@@ -286,5 +356,7 @@ def test_manual_register_next_to_entry_points_clashes_by_name() -> None:
     registry.register(HandMadePlugin(), name="hand-made")
     assert "nf-copy" in registry.quantizers()
     registry.register(HandMadePlugin(), name="hand-made-twice", distribution="my-lab")
-    with pytest.raises(PluginClashError, match=r"<local> \(plug-in 'hand-made'\) and by my-lab"):
+    with pytest.warns(RuntimeWarning, match="registered twice"):
         registry.quantizers()
+    with pytest.raises(PluginClashError, match=r"<local> \(plug-in 'hand-made'\) and by my-lab"):
+        registry.quantizer("nf-copy")

@@ -24,6 +24,7 @@ from lqmod_lq.quantizer import (
     make_quantize,
     options,
 )
+from lqmod_lq.validate import validate
 
 __all__ = [
     "Decomposition",
@@ -45,6 +46,7 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         materialize=make_materialize(),
         bits_per_param=bits_per_param,
         options=options,
+        validate=validate,
         description="LQ-LoRA low-rank + quantized: W ~ base(Q) + L1 L2 over any registered base quantizer",
     )
     yield QuantizerSpec(
@@ -55,6 +57,7 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         bits_per_param=bits_per_param,
         options=fisher_options,
         needs=frozenset({"fisher"}),
+        validate=validate,
         description="lq with the objective weighted by a diagonal Fisher (rank-1 row/column approximation)",
     )
 

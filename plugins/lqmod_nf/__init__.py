@@ -8,6 +8,7 @@ import lqmod
 from lqmod.types import QuantizerSpec
 from lqmod_nf.kernel_format import lut_format
 from lqmod_nf.quantizer import NAME, NFConfig, bits_per_param, materialize, options, quantize
+from lqmod_nf.validate import validate
 
 __all__ = ["NFConfig", "lqmod_quantizers", "materialize", "quantize"]
 
@@ -22,5 +23,6 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         bits_per_param=bits_per_param,
         options=options,
         lut_format=lut_format,
+        validate=validate,
         description="NormalFloat k-bit (QLoRA NF4 at bits=4), block-wise absmax, double quantization",
     )

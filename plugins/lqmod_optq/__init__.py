@@ -9,6 +9,7 @@ from lqmod.types import QuantizerSpec
 from lqmod_optq.config import NAME, OPTQConfig, options
 from lqmod_optq.kernel_format import lut_format
 from lqmod_optq.quantizer import bits_per_param, materialize, quantize
+from lqmod_optq.validate import validate
 
 __all__ = ["OPTQConfig", "bits_per_param", "lqmod_quantizers", "lut_format", "materialize", "options", "quantize"]
 
@@ -24,5 +25,6 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         options=options,
         needs=frozenset({"hessian"}),
         lut_format=lut_format,
+        validate=validate,
         description="OPTQ/GPTQ: Hessian-aware rounding with error feedback, 2/3/4/8 bits, groups, act-order",
     )

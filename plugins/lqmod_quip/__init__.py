@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import lqmod
 from lqmod.types import QuantizerSpec
 from lqmod_quip.quantizer import NAME, QuipConfig, bits_per_param, materialize, options, quantize
+from lqmod_quip.validate import validate
 
 __all__ = ["QuipConfig", "lqmod_quantizers", "materialize", "quantize"]
 
@@ -22,5 +23,6 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         bits_per_param=bits_per_param,
         options=options,
         needs=frozenset({"hessian"}),
+        validate=validate,
         description="QuIP#-like: random Hadamard incoherence + BlockLDLQ on the E8P lattice codebook (+ RVQ)",
     )

@@ -4,12 +4,21 @@ A checkpoint directory holds:
 
 * ``model.safetensors``: every tensor of the model: quantized tensors, adapters, and the
   parameters that were not quantized (embeddings, norms, heads);
-* ``lqmod.json``: the format version, the model's class and config, the LoRA config, each
-  quantized layer's header (quantizer, config, shape, meta), and the SHA-256 and size of
-  the tensor file, so a truncated or corrupted file is refused with a clear message.
+* ``lqmod.json``: the format version, the lqmod version that wrote it, the model's class
+  and config, the LoRA config, each quantized layer's header (quantizer, config, shape,
+  meta), the SHA-256 and size of the tensor file, and an ``integrity`` record: the SHA-256
+  of every layer header and of the whole manifest. A truncated or corrupted tensor file, or
+  a manifest edited by hand, is refused with a message naming what changed (and the layer).
 
-Directories are written to a temporary sibling and renamed into place, so an interrupted
-save never leaves a half-written checkpoint under the target name.
+On load every layer is also checked by its quantizer (:func:`lqmod.quantize.validate_qweight`:
+config, the spec's ``validate`` hook, exact storage bits) and must materialize finite values.
+
+Directories are written to a temporary sibling (``.NAME.tmp-PID-TOKEN``) and renamed into
+place, so an interrupted save never leaves a half-written checkpoint under the target name.
+An overwrite first writes a journal (``.NAME.swap-PID-TOKEN.json``); the next save or load
+of ``NAME`` finishes a swap whose process died between its two renames and sweeps the
+temporaries of dead processes. Files get ordinary permissions (``0666``/``0777`` minus the
+umask) and identical models give byte-identical files.
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,7 @@ from lqmod.config import LoRAConfig
 from lqmod.model import iter_lora_layers, replace_module
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.plugins import Registry, get_registry
+from lqmod.quantize import QuantizationError, check_materialized, validate_qweight
 from lqmod.types import QuantizedWeight
 
 __all__ = [
@@ -42,11 +55,15 @@ __all__ = [
     "export_peft",
     "load_checkpoint",
     "read_manifest",
+    "recover_interrupted_save",
     "save_checkpoint",
+    "write_safetensors",
 ]
 
 FORMAT = "lqmod-checkpoint"
-FORMAT_VERSION = 1
+# 2: integrity hashes of the manifest and every layer header, lqmod_version. Version 1
+# checkpoints (no integrity record) still load, with every other check.
+FORMAT_VERSION = 2
 MANIFEST = "lqmod.json"
 TENSORS = "model.safetensors"
 
@@ -55,28 +72,202 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or of an unknown format."""
 
 
+# Hidden siblings of a target NAME: .NAME.tmp-PID-TOKEN (being written), .NAME.old-PID-TOKEN
+# (the replaced copy during an overwrite), .NAME.swap-PID-TOKEN.json (the overwrite's journal).
+_SIBLING = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|swap)-(?P<pid>\d+)-(?P<token>[0-9a-f]+)(?:\.json)?$")
+# Leftovers of lqmod versions before the journal: .NAME.tmp-XXXXXXXX (mkdtemp, no pid) and .NAME.old-PID.
+_LEGACY_TMP = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<token>[A-Za-z0-9_]{8})$")
+_LEGACY_OLD = re.compile(r"^\.(?P<target>.+)\.old-(?P<pid>\d+)$")
+# A legacy temporary carries no pid: it is taken for abandoned once it is this old.
+LEGACY_STALE_SECONDS = 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # unknown: never delete what might be in use
+    return True
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; it is set straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(root: Path) -> None:
+    """``0777``/``0666`` minus the umask, as ``mkdir``/``open`` would give (mkdtemp gives 0700)."""
+    mask = _umask()
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. some platforms): the renames are still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _finish_swap(target: Path, journal: Path) -> None:
+    """Complete the overwrite ``journal`` describes (its process died mid-swap)."""
+    try:
+        record = json.loads(journal.read_text())
+        new = target.parent / str(record["new"])
+        old = target.parent / str(record["old"])
+    except (OSError, ValueError, KeyError, TypeError):
+        journal.unlink(missing_ok=True)  # unreadable: written partly, before any rename
+        return
+    if new.is_dir():
+        # The new copy is complete (the journal is written after it is): roll forward.
+        if target.exists() and not old.exists():
+            target.rename(old)
+        if not target.exists():
+            new.rename(target)
+    elif not target.exists() and old.is_dir():
+        old.rename(target)  # the new copy is gone: put the old one back rather than lose both
+    _fsync_dir(target.parent)
+    if target.exists():
+        _remove(old)
+        if new.exists():
+            _remove(new)
+    journal.unlink(missing_ok=True)
+
+
+def recover_interrupted_save(target: str | os.PathLike[str]) -> list[str]:
+    """Finish overwrites of ``target`` whose process died, and sweep its stale temporaries.
+
+    Called by every save and load of ``target``. Only leftovers of processes that no longer
+    run are touched (a concurrent save keeps its files). Returns what was done, one line per
+    action; errors (e.g. a read-only parent) are warned about, never raised.
+    """
+    target = Path(target)
+    parent = target.parent
+    done: list[str] = []
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return done
+    mine = []
+    for entry in entries:
+        m = _SIBLING.match(entry.name)
+        if m and m["target"] == target.name:
+            mine.append((entry, m["kind"], int(m["pid"])))
+    try:
+        referenced: set[str] = set()
+        for entry, kind, pid in mine:
+            if kind != "swap":
+                continue
+            if _pid_alive(pid):
+                try:
+                    record = json.loads(entry.read_text())
+                    referenced.update(str(record.get(k)) for k in ("new", "old"))
+                except (OSError, ValueError, AttributeError):
+                    pass
+                continue
+            _finish_swap(target, entry)
+            done.append(f"finished the interrupted overwrite of {target} recorded in {entry.name}")
+        for entry, kind, pid in mine:
+            if kind == "swap" or entry.name in referenced or _pid_alive(pid) or not entry.exists():
+                continue
+            _remove(entry)
+            done.append(f"removed stale {entry.name}")
+        for entry in entries:
+            if not entry.exists():
+                continue
+            legacy_old = _LEGACY_OLD.match(entry.name)
+            if legacy_old and legacy_old["target"] == target.name and not _pid_alive(int(legacy_old["pid"])):
+                if not target.exists():
+                    entry.rename(target)
+                    done.append(f"restored {target} from {entry.name}, left by an interrupted overwrite")
+                else:
+                    _remove(entry)
+                    done.append(f"removed stale {entry.name}")
+                continue
+            legacy_tmp = _LEGACY_TMP.match(entry.name)
+            if (
+                legacy_tmp
+                and legacy_tmp["target"] == target.name
+                and time.time() - entry.stat().st_mtime > LEGACY_STALE_SECONDS
+            ):
+                _remove(entry)
+                done.append(f"removed stale {entry.name}")
+    except OSError as exc:
+        warnings.warn(f"could not clean up after an interrupted save of {target}: {exc}", RuntimeWarning, stacklevel=2)
+    return done
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``target`` only if the block succeeds."""
+    """Yield a temporary directory that replaces ``target`` only if the block succeeds.
+
+    The directory and its files get the permissions a plain ``mkdir``/``open`` would give
+    (the umask is respected). An overwrite swaps old and new with two renames, recorded in a
+    journal first, so a crash between them is finished by the next save or load.
+    """
     target = Path(target)
+    recover_interrupted_save(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    stem = f".{target.name}.%s-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.parent / (stem % "tmp")
+    old = target.parent / (stem % "old")
+    journal = target.parent / ((stem % "swap") + ".json")
+    tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+        _normal_permissions(tmp)
+        _fsync_tree(tmp)  # data on disk before a rename makes it visible
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            journal.write_text(json.dumps({"new": tmp.name, "old": old.name}))
+            with journal.open("rb") as fh:
+                os.fsync(fh.fileno())
+            _fsync_dir(target.parent)
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            _fsync_dir(target.parent)
+            _remove(old)
+            journal.unlink()
         else:
             tmp.rename(target)
+            _fsync_dir(target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists() and old.is_dir():
+            old.rename(target)  # failed between the renames: the old copy goes back
+        _remove(tmp)
+        journal.unlink(missing_ok=True)
         raise
 
 
@@ -112,6 +303,59 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _digest(value: Any) -> str:
+    """SHA-256 of a JSON value in one canonical spelling (what the manifest hashes)."""
+    return hashlib.sha256(_canonical_json(value)).hexdigest()
+
+
+def _lqmod_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("lqmod")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        import lqmod
+
+        return str(lqmod.__version__)
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """:func:`safetensors.torch.save_file` with a byte-for-byte deterministic header.
+
+    safetensors keeps the string metadata in a hash map whose iteration order changes from
+    one process to the next, so identical tensors gave files with different hashes; the
+    header is rewritten here with the metadata keys sorted (same length, same offsets).
+    """
+    path = Path(path)
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    with path.open("r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered: dict[str, Any] = {}
+        if meta is not None:
+            ordered["__metadata__"] = dict(sorted(meta.items()))
+        ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) <= n:
+            fh.seek(8)
+            fh.write(raw + b" " * (n - len(raw)))  # safetensors pads its header with spaces
+            return
+    # A header spelled longer than safetensors' own (it never is for ASCII names): rewrite the file.
+    padded = raw + b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".canon")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        src.seek(8 + n)
+        dst.write(len(padded).to_bytes(8, "little") + padded)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    tmp.replace(path)
+
+
 def save_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -130,6 +374,7 @@ def save_checkpoint(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "lqmod_version": _lqmod_version(),
         "model": _model_info(model),
         "lora": json.loads(next(iter(lora_cfgs))),
         "layers": {
@@ -140,31 +385,105 @@ def save_checkpoint(
         "extra": extra or {},
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "lqmod": FORMAT})
+        write_safetensors(tensors, tmp / TENSORS, metadata={"format": "pt", "lqmod": FORMAT})
         manifest["files"] = {TENSORS: {"sha256": _sha256(tmp / TENSORS), "bytes": (tmp / TENSORS).stat().st_size}}
+        # Hash the manifest as a reader will see it (tuples become lists, keys strings ...).
+        body = json.loads(json.dumps(manifest))
+        manifest["integrity"] = {
+            "algorithm": "sha256",
+            "layers": {name: _digest(header) for name, header in body["layers"].items()},
+            "manifest": _digest(body),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return Path(path)
 
 
+def _expect(cond: bool, mpath: Path, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"{mpath}: {what}; the manifest is damaged or was edited")
+
+
+def _check_structure(manifest: Any, mpath: Path) -> dict[str, Any]:
+    """Types of every manifest field lqmod reads, so a damaged one is a sentence, not a traceback."""
+    _expect(isinstance(manifest, dict), mpath, f"must hold a JSON object, not a JSON {type(manifest).__name__}")
+    assert isinstance(manifest, dict)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{mpath}: 'version' must be an integer, got {version!r}; the manifest is damaged")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mpath}: format version {version} is newer than this lqmod reads "
+            f"({FORMAT_VERSION}); upgrade lqmod"
+        )
+    for key in ("model", "lora", "layers", "files"):
+        _expect(isinstance(manifest.get(key), dict), mpath, f"{key!r} must be a JSON object, got {manifest.get(key)!r}")
+    for key in ("aliases", "extra"):
+        _expect(isinstance(manifest.get(key, {}), dict), mpath, f"{key!r} must be a JSON object")
+    aliases = manifest.get("aliases", {})
+    _expect(all(isinstance(v, str) for v in aliases.values()), mpath, "'aliases' must map names to names")
+    for name, header in manifest["layers"].items():
+        _expect(isinstance(header, dict), mpath, f"layer {name!r} must be a JSON object, got {header!r}")
+    want = manifest["files"].get(TENSORS)
+    _expect(
+        isinstance(want, dict) and isinstance(want.get("sha256"), str)
+        and isinstance(want.get("bytes"), int) and not isinstance(want.get("bytes"), bool),
+        mpath, f"'files' must give the sha256 (a string) and bytes (an integer) of {TENSORS}",
+    )
+    return manifest
+
+
+def _check_integrity(manifest: dict[str, Any], mpath: Path) -> None:
+    if manifest["version"] < 2:
+        return  # written before integrity records existed
+    record = manifest.get("integrity")
+    _expect(isinstance(record, dict) and record.get("algorithm") == "sha256"
+            and isinstance(record.get("layers"), dict) and isinstance(record.get("manifest"), str),
+            mpath, "its 'integrity' record (sha256 of the manifest and of every layer) is missing or malformed")
+    assert isinstance(record, dict)
+    stored_layers: dict[str, Any] = record["layers"]
+    for name in sorted(set(manifest["layers"]) | set(stored_layers)):
+        if name not in manifest["layers"] or name not in stored_layers:
+            raise CheckpointError(
+                f"{mpath}: layer {name!r} is listed in only one of 'layers' and 'integrity'; "
+                "the manifest is damaged or was edited"
+            )
+        if _digest(manifest["layers"][name]) != stored_layers[name]:
+            raise CheckpointError(
+                f"{mpath}: the header of layer {name!r} (quantizer, config, shape ...) does not match its "
+                "SHA-256: the manifest was edited or damaged after it was saved; restore the original file"
+            )
+    body = {k: v for k, v in manifest.items() if k != "integrity"}
+    if _digest(body) != record["manifest"]:
+        raise CheckpointError(
+            f"{mpath} does not match its SHA-256: the manifest was edited or damaged after it was saved; "
+            "restore the original file"
+        )
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's JSON manifest, after checking that the tensor file is whole."""
+    """The checkpoint's JSON manifest, after checking it and that the tensor file is whole."""
     path = Path(path)
+    recover_interrupted_save(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} not found (expected a directory with {MANIFEST} and {TENSORS})")
     mpath = path / MANIFEST
     if not mpath.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: not an lqmod checkpoint")
     try:
-        manifest: dict[str, Any] = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(mpath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{mpath} is not valid JSON ({exc}); the checkpoint is corrupted") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if int(manifest.get("version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{mpath}: format version {manifest['version']} is newer than this lqmod reads "
-            f"({FORMAT_VERSION}); upgrade lqmod"
-        )
+    except RecursionError:
+        raise CheckpointError(f"{mpath} is nested too deeply to be a manifest; the checkpoint is corrupted") from None
+    manifest = _check_structure(raw, mpath)
+    try:
+        _check_integrity(manifest, mpath)
+    except ValueError as exc:  # e.g. NaN or a non-string key: not canonical JSON, so not what was saved
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{mpath} holds values no lqmod manifest holds ({exc}); it was edited") from None
     tpath = path / TENSORS
     want = manifest["files"][TENSORS]
     if not tpath.exists():
@@ -187,12 +506,26 @@ def _build_skeleton(info: dict[str, Any]) -> nn.Module:
         )
     import transformers
 
-    cls = getattr(transformers, info["class"], None)
+    name = info.get("class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None:
-        raise CheckpointError(f"transformers has no class {info['class']!r} (installed {transformers.__version__})")
-    cfg_dict = dict(info["config"])
-    config = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    model: nn.Module = cls(config)
+        raise CheckpointError(f"transformers has no class {name!r} (installed {transformers.__version__})")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(
+            f"the manifest's model class {name!r} is not a transformers model class "
+            "(e.g. LlamaForCausalLM, BertModel); the manifest is damaged or was edited"
+        )
+    cfg_dict = info.get("config")
+    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model_type"), str):
+        raise CheckpointError("the manifest's model config is not a transformers config with a 'model_type'")
+    cfg_dict = dict(cfg_dict)
+    try:
+        config = transformers.AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+        model: nn.Module = cls(config)
+    except Exception as exc:  # transformers raises many kinds for a config that does not fit
+        raise CheckpointError(
+            f"cannot build a {name} from the manifest's model config: {type(exc).__name__}: {exc}"
+        ) from None
     return model
 
 
@@ -202,16 +535,22 @@ def load_checkpoint(
     model: nn.Module | None = None,
     registry: Registry | None = None,
     device: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> nn.Module:
     """Rebuild a quantized model with its adapters. No original weights are needed.
 
     For transformers models the architecture is rebuilt from the stored config; for other
-    models pass a freshly constructed ``model`` of the same architecture.
+    models pass a freshly constructed ``model`` of the same architecture. Every layer is
+    checked by its quantizer (see :func:`lqmod.quantize.validate_qweight`) and, with
+    ``verify`` (the default), materialized once to check that it is finite.
     """
     path = Path(path)
     manifest = read_manifest(path)
     registry = registry or get_registry()
-    lora = LoRAConfig.model_validate(manifest["lora"])
+    try:
+        lora = LoRAConfig.model_validate(manifest["lora"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path / MANIFEST}: invalid LoRA config: {' '.join(str(exc).split())}") from None
     if model is None:
         model = _build_skeleton(manifest["model"])
     try:
@@ -220,23 +559,57 @@ def load_checkpoint(
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path / TENSORS} cannot be read: {exc}") from None
     for alias, kept in manifest.get("aliases", {}).items():
+        if kept not in stored:
+            raise CheckpointError(f"alias {alias!r} names {kept!r}, which {TENSORS} does not hold")
         stored[alias] = stored[kept]
+    new_layers: dict[str, LoRALinear] = {}
     for name, header in manifest["layers"].items():
-        spec = registry.quantizer(header["quantizer"])
+        what = f"{path}: layer {name!r}"
+        spec = registry.quantizer(str(header.get("quantizer")))
         prefix = f"{name}."
-        qtensors = {k: stored[f"{prefix}base.{k}"] for k in header["tensors"]}
-        qweight = QuantizedWeight.from_header(header, qtensors)
-        layer = LoRALinear(
-            qweight,
-            spec,
-            lora,
-            lora_a=stored[f"{prefix}lora_A"],
-            lora_b=stored[f"{prefix}lora_B"],
-            bias=stored.get(f"{prefix}bias") if header.get("bias") else None,
-        )
-        layer.origin = header.get("origin", "linear")
+        names = header.get("tensors")
+        if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
+            raise CheckpointError(f"{what}: 'tensors' must list tensor names, got {names!r}")
+        absent = [f"{prefix}{k}" for k in ("lora_A", "lora_B")] + [f"{prefix}base.{k}" for k in names]
+        absent = [k for k in absent if k not in stored]
+        if header.get("bias") and f"{prefix}bias" not in stored:
+            absent.append(f"{prefix}bias")
+        if absent:
+            raise CheckpointError(f"{what}: {TENSORS} lacks {absent[:5]}")
+        try:
+            qweight = QuantizedWeight.from_header(header, {k: stored[f"{prefix}base.{k}"] for k in names})
+            # The quantizer itself checks that the tensors are what its config describes.
+            validate_qweight(spec, qweight, name=what)
+            if verify:
+                with torch.no_grad():
+                    check_materialized(spec, qweight, spec.materialize(qweight, torch.float32), name=what)
+            layer = LoRALinear(
+                qweight,
+                spec,
+                lora,
+                lora_a=stored[f"{prefix}lora_A"],
+                lora_b=stored[f"{prefix}lora_B"],
+                bias=stored.get(f"{prefix}bias") if header.get("bias") else None,
+            )
+        except QuantizationError as exc:
+            raise CheckpointError(str(exc)) from None
+        except ValueError as exc:
+            raise CheckpointError(f"{what}: {exc}") from None
+        origin = header.get("origin", "linear")
+        if origin not in ("linear", "conv1d"):
+            raise CheckpointError(f"{what}: origin {origin!r} is not 'linear' or 'conv1d'")
+        layer.origin = origin
+        new_layers[name] = layer
+    known = {n for n, _ in model.named_modules()}
+    unknown = sorted(set(new_layers) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint layers {unknown[:5]} are not modules of the {type(model).__name__} model")
+    for name, layer in new_layers.items():
         replace_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(stored, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(stored, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise CheckpointError(f"checkpoint does not fit the model: {' '.join(str(exc).split())[:500]}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -288,7 +661,7 @@ def export_peft(
         "modules_to_save": None,
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return Path(path)
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lqmod.config import LoRAConfig, Plan, PlanEntry, TargetConfig, validate_config
+from lqmod.config import ConfigError, LoRAConfig, Plan, PlanEntry, TargetConfig, validate_config
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.plugins import Registry, get_registry
-from lqmod.quantize import QuantizationError, quantize_weight
+from lqmod.quantize import QuantizationError, check_materialized, quantize_weight, relative_error
 from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
 
 __all__ = [
@@ -133,6 +133,12 @@ def _resolve_entries(
             f"no linear layer matches include={targets.include} exclude={targets.exclude}; "
             f"linear layers of this model: {[n for n, m in model.named_modules() if _is_linear_like(m)][:8]}"
         )
+    if config is not None and not hasattr(config, "model_dump") and not isinstance(config, Mapping):
+        # dict("bits=4") would fail with an unrelated "dictionary update sequence" error.
+        raise ConfigError(
+            f"config must be a mapping or a QuantizerConfig, got {type(config).__name__} {config!r}; "
+            "e.g. config={'bits': 4} (the CLI's 'bits=4' text is parsed by lqmod.cli.parse_kv)"
+        )
     cfg = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
     return {n: PlanEntry(quantizer=quantizer, config=cfg) for n in chosen}
 
@@ -194,6 +200,8 @@ class LayerQuantizer:
         for name, e in self.entries.items():
             validate_config(self.specs[name].config_model, e.config, what=f"{e.quantizer} config for {name}")
         self.generator = torch.Generator().manual_seed(seed)
+        self._originals: dict[str, nn.Module] = {}
+        self._requires_grad: dict[nn.Parameter, bool] = {}
 
     def needs(self, name: str) -> frozenset[str]:
         return self.specs[name].needs
@@ -206,18 +214,22 @@ class LayerQuantizer:
                 raise QuantizationError(missing_stats_message(name, self.specs[name].name, missing))
 
     def freeze(self) -> None:
+        """Freeze every parameter, remembering the flags so :meth:`rollback` can restore them."""
         for p in self.model.parameters():
+            self._requires_grad.setdefault(p, p.requires_grad)
             p.requires_grad_(False)
 
-    def quantize(self, name: str, layer_stats: LayerStats | None) -> LayerReport:
-        """Quantize layer ``name``, attach its adapters and swap it into the model."""
+    def build(self, name: str, layer_stats: LayerStats | None) -> tuple[LoRALinear, LayerReport]:
+        """Quantize layer ``name`` and attach its adapters, *without* touching the model."""
         model, spec = self.model, self.specs[name]
         module = model.get_submodule(name)
         missing = _missing_stats(spec, layer_stats)
         if missing:
             raise QuantizationError(missing_stats_message(name, spec.name, missing))
         weight = _dense_weight(module)
-        qweight = quantize_weight(spec, weight, self.entries[name].config, layer_stats, name=name)
+        qweight = quantize_weight(
+            spec, weight, self.entries[name].config, layer_stats, name=name, check_finite=False
+        )
         init = self.init_spec.initialize(
             weight=weight,
             qweight=qweight,
@@ -248,17 +260,39 @@ class LayerQuantizer:
         )
         with torch.no_grad():
             deq = spec.materialize(qweight, torch.float32)
-            err = (deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30)
+            # A weight that materializes inf/NaN would train and save as garbage: refuse it here.
+            check_materialized(spec, qweight, deq, name=name)
+            err = relative_error(deq, weight)
         new.origin = "conv1d" if _is_conv1d(module) else "linear"
-        replace_module(model, name, new)
-        return LayerReport(
+        report = LayerReport(
             name,
             (qweight.shape[0], qweight.shape[1]),
             spec.name,
             qweight.config,
             qweight.bits_per_param(),
-            float(err),
+            err,
         )
+        return new, report
+
+    def swap(self, name: str, new: nn.Module) -> None:
+        """Put ``new`` in place of layer ``name``, remembering the original for :meth:`rollback`."""
+        self._originals.setdefault(name, self.model.get_submodule(name))
+        replace_module(self.model, name, new)
+
+    def quantize(self, name: str, layer_stats: LayerStats | None) -> LayerReport:
+        """Quantize layer ``name``, attach its adapters and swap it into the model."""
+        new, report = self.build(name, layer_stats)
+        self.swap(name, new)
+        return report
+
+    def rollback(self) -> None:
+        """Undo every :meth:`swap` and :meth:`freeze`: the model is as it was before."""
+        for name, original in reversed(list(self._originals.items())):
+            replace_module(self.model, name, original)
+        self._originals.clear()
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        self._requires_grad.clear()
 
 
 def quantize_model(
@@ -277,20 +311,31 @@ def quantize_model(
     """Quantize ``model`` in place and attach LoRA adapters; freeze everything else.
 
     Either one ``quantizer`` + ``config`` for every layer ``targets`` selects, or a ``plan``
-    (module name -> quantizer and config, e.g. from an allocator). Layers are quantized one
-    at a time and the dense weight dropped, so peak memory stays one layer above the model.
-    A quantizer whose ``spec.needs`` names statistics (``"hessian"``, ``"fisher"``) must get
-    them in ``stats``; a layer lacking them is an error before any layer is touched.
+    (module name -> quantizer and config, e.g. from an allocator). A quantizer whose
+    ``spec.needs`` names statistics (``"hessian"``, ``"fisher"``) must get them in ``stats``;
+    a layer lacking them is an error before any layer is touched.
+
+    All or nothing: every layer is quantized into a new module first, and the modules are
+    swapped in (and the model frozen) only once all of them succeeded, so an error at any
+    layer leaves ``model`` exactly as it was. The price is memory: until the swap the
+    quantized layers (a fraction of the dense size) live beside the dense model.
     """
     lq = LayerQuantizer(
         model, quantizer, config, lora=lora, targets=targets, plan=plan, registry=registry, seed=seed
     )
     lq.check_stats(stats)
-    lq.freeze()
-    report = QuantizeReport()
+    built: list[tuple[str, LoRALinear, LayerReport]] = []
     for name in tqdm(list(lq.entries), desc="quantizing", unit="layer", disable=not progress):
-        report.layers.append(lq.quantize(name, stats.get(name) if stats else None))
-    return report
+        new, layer_report = lq.build(name, stats.get(name) if stats else None)
+        built.append((name, new, layer_report))
+    try:
+        lq.freeze()
+        for name, new, _ in built:
+            lq.swap(name, new)
+    except BaseException:
+        lq.rollback()
+        raise
+    return QuantizeReport([r for _, _, r in built])
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

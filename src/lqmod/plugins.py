@@ -1,13 +1,23 @@
 """The plug-in registry: built-ins and third-party plug-ins, found the same way.
 
-Every plug-in, ours included, is announced through the ``lqmod`` entry-point group. A
-plug-in that fails to import is recorded in :attr:`Registry.failures`, warned about and
-skipped. Setting ``LQMOD_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points altogether
-(plug-ins can then be registered by hand with :meth:`Registry.register`).
+Every plug-in, ours included, is announced through the ``lqmod`` entry-point group. One
+bad plug-in never takes lqmod down: a plug-in that fails to import, implements a hook lqmod
+does not have (a misspelled name) or with the wrong signature, whose hook raises, or that
+yields something other than the spec type, is recorded in :attr:`Registry.failures`,
+warned about and skipped. A name two plug-ins register is dropped from the table and
+reported the same way; only *using* that name is an error (naming both distributions).
+
+Switches (environment variables, read when the registry is built):
+
+* ``LQMOD_DISABLE_PLUGINS=name,...``: skip these plug-ins, by entry-point name (``nf``,
+  ``rtn``) or distribution name (``lqmod-example-rtn``); the others still load.
+* ``LQMOD_DISABLE_PLUGIN_AUTOLOAD=1``: skip entry points altogether (plug-ins can then be
+  registered by hand with :meth:`Registry.register`).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -31,6 +41,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "lqmod"
 AUTOLOAD_ENV = "LQMOD_DISABLE_PLUGIN_AUTOLOAD"
+DISABLE_ENV = "LQMOD_DISABLE_PLUGINS"
 
 S = TypeVar("S", QuantizerSpec, InitializerSpec, AllocatorSpec)
 
@@ -48,20 +59,37 @@ class UnknownPluginError(KeyError):
 
 @dataclass(frozen=True)
 class PluginFailure:
+    """A plug-in (or one of its hooks, or a clashing name) that was skipped, and why."""
+
     entry_point: str
     distribution: str
     error: str
 
 
+_SPEC_TYPES: dict[str, type] = {
+    "lqmod_quantizers": QuantizerSpec,
+    "lqmod_initializers": InitializerSpec,
+    "lqmod_allocators": AllocatorSpec,
+}
+
+
+def _disabled_names(value: str | None) -> frozenset[str]:
+    return frozenset(n.strip() for n in (value or "").split(",") if n.strip())
+
+
 class Registry:
     """Plug-ins by kind and name. Build once; look names up; never call it on the hot path."""
 
-    def __init__(self, *, autoload: bool | None = None) -> None:
+    def __init__(self, *, autoload: bool | None = None, disable: Iterable[str] | None = None) -> None:
         self.pm = pluggy.PluginManager("lqmod")
         self.pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
+        #: Entry points skipped because ``disable`` / LQMOD_DISABLE_PLUGINS named them.
+        self.disabled: list[str] = []
+        self._disable = frozenset(disable) if disable is not None else _disabled_names(os.environ.get(DISABLE_ENV))
         self._origin: dict[str, str] = {}  # pluggy plugin name -> distribution
         self._cache: dict[str, dict[str, Any]] = {}
+        self._clashes: dict[str, dict[str, str]] = {}  # hook -> clashing name -> message
         if autoload is None:
             autoload = os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in {"1", "true", "yes"}
         if autoload:
@@ -73,6 +101,9 @@ class Registry:
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "<unknown distribution>"
             name = ep.name
+            if ep.name in self._disable or dist in self._disable:
+                self.disabled.append(f"{ep.name} ({dist})")
+                continue
             if self.pm.has_plugin(name):
                 if self._origin.get(name) == dist:
                     continue  # the same distribution seen twice on sys.path
@@ -86,14 +117,36 @@ class Registry:
                 # the hookspecs (e.g. a plug-in written for another lqmod version).
                 self.register(plugin, name=name, distribution=dist)
             except Exception as exc:  # a broken plug-in must not take lqmod down with it
-                failure = PluginFailure(ep.name, dist, f"{type(exc).__name__}: {exc}")
-                self.failures.append(failure)
-                warnings.warn(
-                    f"lqmod plug-in {ep.name!r} from {dist} failed to load and was skipped: "
-                    f"{failure.error}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._fail(ep.name, dist, f"{type(exc).__name__}: {exc}", "failed to load and was skipped")
+
+    def _fail(self, plugin: str, dist: str, error: str, what: str) -> None:
+        failure = PluginFailure(plugin, dist, error)
+        if failure in self.failures:  # the tables are rebuilt after every (un)register
+            return
+        self.failures.append(failure)
+        warnings.warn(
+            f"lqmod plug-in {plugin!r} from {dist} {what}: {error} "
+            f"(set {DISABLE_ENV}={plugin} to silence this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _check_hook_names(self, plugin: object, name: str) -> None:
+        """Refuse hook implementations lqmod has no hookspec for (a misspelled hook name),
+        which pluggy would otherwise keep silently and never call."""
+        known = sorted(n for n in vars(hookspecs) if n.startswith("lqmod_"))
+        for caller in self.pm.get_hookcallers(plugin) or ():
+            if caller.has_spec():
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not impl.optionalhook:
+                    close = difflib.get_close_matches(caller.name, known, n=1)
+                    hint = f"did you mean {close[0]!r}? " if close else ""
+                    raise pluggy.PluginValidationError(
+                        plugin,
+                        f"plug-in {name!r} implements hook {caller.name!r}, which lqmod does not have; "
+                        f"{hint}lqmod's hooks are: {', '.join(known)}",
+                    )
 
     def register(self, plugin: object, *, name: str | None = None, distribution: str = "<local>") -> None:
         """Register a plug-in object (module or instance with ``@hookimpl`` functions)."""
@@ -111,12 +164,19 @@ class Registry:
         registered = self.pm.register(plugin, name=name)
         if registered is None:  # pluggy returns None for a blocked name
             raise PluginClashError(f"plug-in {name!r} is blocked and cannot be registered")
+        try:
+            self._check_hook_names(plugin, registered)
+        except pluggy.PluginValidationError:
+            self.pm.unregister(plugin)
+            raise
         self._origin[registered] = distribution
         self._cache.clear()
+        self._clashes.clear()
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self._cache.clear()
+        self._clashes.clear()
 
     # -- lookup ------------------------------------------------------------------------
 
@@ -126,27 +186,58 @@ class Registry:
         found: dict[str, Any] = {}
         origin: dict[str, str] = {}
         owner: dict[str, str] = {}  # registration name -> pluggy plug-in name
+        clashes: dict[str, str] = {}
+        spec_type = _SPEC_TYPES[hook]
         caller = getattr(self.pm.hook, hook)
         # Called impl by impl, not through the hook caller, so each registration is
-        # attributed to the distribution that made it (for the clash message).
+        # attributed to the distribution that made it (for the clash message), and one
+        # plug-in's failure skips that plug-in only.
         for impl in caller.get_hookimpls():
             dist = self._origin.get(impl.plugin_name, impl.plugin_name)
-            for spec in impl.function() or ():
-                if spec.name in found:
-                    raise PluginClashError(
-                        f"{kind} {spec.name!r} is registered twice: by {origin[spec.name]} "
-                        f"(plug-in {owner[spec.name]!r}) and by {dist} "
-                        f"(plug-in {impl.plugin_name!r}); uninstall one or disable it"
+            try:
+                specs = list(impl.function() or ())
+                wrong = [s for s in specs if not isinstance(s, spec_type)]
+                if wrong:
+                    raise TypeError(
+                        f"{hook} yielded {type(wrong[0]).__name__} {wrong[0]!r:.80}; it must yield "
+                        f"lqmod.types.{spec_type.__name__} objects"
                     )
+            except Exception as exc:  # one broken hook must not take the others down
+                self._fail(impl.plugin_name, dist, f"{type(exc).__name__}: {exc}", f"hook {hook} failed; skipped")
+                continue
+            for spec in specs:
+                where = f"{dist} (plug-in {impl.plugin_name!r})"
+                if spec.name in clashes:
+                    clashes[spec.name] += f" and by {where}"
+                    continue
+                if spec.name in found:
+                    clashes[spec.name] = (
+                        f"{kind} {spec.name!r} is registered twice: by {origin[spec.name]} "
+                        f"(plug-in {owner[spec.name]!r}) and by {where}"
+                    )
+                    del found[spec.name]
+                    continue
                 found[spec.name] = spec
                 origin[spec.name] = dist
                 owner[spec.name] = impl.plugin_name
+        for name, message in clashes.items():
+            # Neither registration is used: picking one silently could run the wrong code.
+            full = (f"{message}; neither is used. Uninstall one, or disable one with "
+                    f"{DISABLE_ENV}=<entry point or distribution>")
+            clashes[name] = full
+            failure = PluginFailure(f"{kind} {name!r}", "name clash", full)
+            if failure not in self.failures:
+                self.failures.append(failure)
+                warnings.warn(f"lqmod: {full}", RuntimeWarning, stacklevel=3)
+        self._clashes[hook] = clashes
         self._cache[hook] = found
         self._cache[hook + ":origin"] = origin
         return found
 
     def _get(self, hook: str, kind: str, name: str) -> Any:
         table = self._collect(hook, kind)
+        if name in self._clashes.get(hook, {}):
+            raise PluginClashError(self._clashes[hook][name])
         if name not in table:
             choices = ", ".join(sorted(table)) or "(none registered)"
             raise UnknownPluginError(f"unknown {kind} {name!r}. Choose one of: {choices}")

@@ -32,9 +32,12 @@ __all__ = [
     "Option",
     "QuantizedWeight",
     "QuantizerSpec",
+    "TensorLayout",
+    "check_tensor_layout",
 ]
 
 JSONValue = Any  # a value json.dumps accepts
+_JSON_KIND = {str: "string", dict: "object", list: "array"}
 
 
 @dataclass
@@ -108,24 +111,45 @@ class QuantizedWeight:
     def from_header(
         cls, header: Mapping[str, JSONValue], tensors: Mapping[str, torch.Tensor]
     ) -> QuantizedWeight:
-        missing = set(header["tensors"]) - set(tensors)
+        """Rebuild from :meth:`header` data and the tensors; malformed data is a ``ValueError``
+        saying which field is wrong and what it must be (headers come from files users edit)."""
+        if not isinstance(header, Mapping):
+            raise ValueError(f"quantized weight header must be a JSON object, got {type(header).__name__}")
+        for key, kind in (("quantizer", str), ("config", dict), ("shape", list), ("tensors", list)):
+            if key not in header:
+                raise ValueError(f"quantized weight header lacks {key!r}")
+            if not isinstance(header[key], kind):
+                raise ValueError(
+                    f"quantized weight header field {key!r} must be a JSON {_JSON_KIND[kind]}, got {header[key]!r}"
+                )
+        names = header["tensors"]
+        if not all(isinstance(k, str) for k in names):
+            raise ValueError(f"quantized weight header field 'tensors' must list tensor names, got {names!r}")
+        missing = set(names) - set(tensors)
         if missing:
             raise ValueError(
                 f"quantized weight ({header['quantizer']}) lacks tensors {sorted(missing)}"
             )
         # A default, so an unknown name ("float99") is the ValueError below, not an AttributeError.
-        dtype = getattr(torch, str(header["dtype"]), None)
+        dtype = getattr(torch, str(header.get("dtype")), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {header['dtype']!r} in quantized weight header")
-        shape = tuple(int(s) for s in header["shape"])
-        if len(shape) != 2:
-            raise ValueError(f"quantized weight shape must be 2-D, got {shape}")
+            raise ValueError(f"unknown dtype {header.get('dtype')!r} in quantized weight header")
+        shape_data = header["shape"]
+        # bool is an int in Python; a shape of [true, 4] is as wrong as ["a", 4].
+        if len(shape_data) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                           for s in shape_data):
+            raise ValueError(
+                f"quantized weight shape must be 2-D, two positive integers [out, in], got {shape_data!r}"
+            )
+        meta = header.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"quantized weight header field 'meta' must be a JSON object, got {meta!r}")
         return cls(
-            quantizer=str(header["quantizer"]),
+            quantizer=header["quantizer"],
             config=dict(header["config"]),
-            shape=(shape[0], shape[1]),
-            tensors={k: tensors[k] for k in header["tensors"]},
-            meta=dict(header.get("meta", {})),
+            shape=(int(shape_data[0]), int(shape_data[1])),
+            tensors={k: tensors[k] for k in names},
+            meta=dict(meta),
             dtype=dtype,
         )
 
@@ -147,6 +171,41 @@ class QuantizedWeight:
 
 Quantize = Callable[[torch.Tensor, Any, LayerStats | None], QuantizedWeight]
 Materialize = Callable[[QuantizedWeight, torch.dtype], torch.Tensor]
+Validate = Callable[[QuantizedWeight, Any], None]
+
+#: What a quantizer stores for one config and shape: tensor name -> (shape, dtype).
+TensorLayout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def check_tensor_layout(qweight: QuantizedWeight, expected: TensorLayout) -> None:
+    """Raise ``ValueError`` naming every difference between ``qweight``'s tensors and ``expected``.
+
+    The building block of a :attr:`QuantizerSpec.validate` hook: the quantizer states which
+    tensors (names, shapes, dtypes) its config implies for ``qweight.shape``, and a loaded
+    weight whose tensors disagree (a checkpoint edited to ``bits=2``, a wrong block size,
+    a dropped tensor) is refused instead of being materialized into garbage.
+    """
+    problems: list[str] = []
+    have = qweight.tensors
+    missing = sorted(set(expected) - set(have))
+    extra = sorted(set(have) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        problems.append(f"unexpected tensors {extra}")
+    for name in sorted(set(expected) & set(have)):
+        want_shape, want_dtype = expected[name]
+        t = have[name]
+        if tuple(t.shape) != tuple(want_shape) or t.dtype != want_dtype:
+            problems.append(
+                f"tensor {name!r} is {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}, "
+                f"the config implies {tuple(want_shape)} {str(want_dtype).removeprefix('torch.')}"
+            )
+    if problems:
+        raise ValueError(
+            f"{qweight.quantizer} weight of shape {tuple(qweight.shape)} does not match its config "
+            f"{qweight.config}: " + "; ".join(problems)
+        )
 
 
 @dataclass(frozen=True)
@@ -177,6 +236,14 @@ class QuantizerSpec:
     ``lut_format(qweight)``, optional, describes the weight as a
     :class:`~lqmod.kernels.formats.LutFormat` (codes -> table -> per-group scale/offset) so
     the Triton kernels can run it, or returns None for configurations they cannot.
+    ``validate(qweight, config)``, optional but expected of every quantizer, checks a weight
+    read back from a checkpoint against ``config`` (the ``config_model`` instance rebuilt from
+    ``qweight.config``): the stored tensors' names, shapes and dtypes (see
+    :func:`check_tensor_layout`) and any value ranges ``materialize`` relies on. It returns
+    None or raises ``ValueError`` saying what does not match; the core calls it on every
+    loaded layer and refuses the checkpoint naming the layer. The core also checks that the
+    stored bits equal ``bits_per_param(config, shape)``, so even a quantizer without
+    ``validate`` refuses a config edited to another bit width.
     """
 
     name: str
@@ -188,6 +255,7 @@ class QuantizerSpec:
     needs: frozenset[str] = frozenset()
     description: str = ""
     lut_format: Callable[[QuantizedWeight], LutFormat | None] | None = None
+    validate: Validate | None = None
 
 
 @dataclass(frozen=True)

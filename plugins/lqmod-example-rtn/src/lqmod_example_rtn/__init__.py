@@ -12,6 +12,7 @@ import lqmod
 from lqmod.types import QuantizerSpec
 from lqmod_example_rtn.kernel_format import lut_format
 from lqmod_example_rtn.quantizer import NAME, RTNConfig, bits_per_param, materialize, options, quantize
+from lqmod_example_rtn.validate import validate
 
 __all__ = [
     "RTNConfig",
@@ -21,6 +22,7 @@ __all__ = [
     "materialize",
     "options",
     "quantize",
+    "validate",
 ]
 
 
@@ -34,5 +36,6 @@ def lqmod_quantizers() -> Iterator[QuantizerSpec]:
         bits_per_param=bits_per_param,
         options=options,
         lut_format=lut_format,
+        validate=validate,
         description="integer round-to-nearest, 2..8 bits, per-group scales, (a)symmetric",
     )
