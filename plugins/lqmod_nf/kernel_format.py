@@ -12,6 +12,8 @@ from functools import cache
 import torch
 
 from lqmod.kernels.formats import LutFormat
+from lqmod.kernels.native import available as native_available
+from lqmod.kernels.native import lut_materialize_raw
 from lqmod.types import QuantizedWeight
 from lqmod_nf.codebooks import dynamic_map, nf_table
 
@@ -45,9 +47,27 @@ def _block_scales(qweight: QuantizedWeight) -> torch.Tensor:
     tensors = qweight.tensors
     if not qweight.config["double_quant"]:
         return tensors["absmax"].float()
+    if tensors["absmax_codes"].device.type == "cpu" and native_available():
+        return _block_scales_native(qweight)
     codes = tensors["absmax_codes"].long()
     scale = tensors["absmax_scale"].repeat_interleave(int(qweight.config["dq_blocksize"]))[: codes.numel()]
     return _on_device("dynamic", 8, codes.device)[codes] * scale + tensors["absmax_offset"]
+
+
+def _block_scales_native(qweight: QuantizedWeight) -> torch.Tensor:
+    # The second-level decode is itself a LUT format: 8-bit codes, the dynamic map, one
+    # scale per dq_blocksize codes and the mean as offset, so the compiled LUT kernel runs it
+    # with the same float32 operations (multiply, then add) as dequantize_absmax.
+    tensors = qweight.tensors
+    codes = tensors["absmax_codes"]
+    scale = tensors["absmax_scale"].reshape(1, -1)
+    offset = tensors["absmax_offset"].reshape(1, 1).expand_as(scale)
+    n = codes.numel()
+    out = lut_materialize_raw(
+        codes, 8, (1, n), _on_device("dynamic", 8, codes.device), scale,
+        int(qweight.config["dq_blocksize"]), zeros=offset,
+    )  # fmt: skip
+    return out.reshape(n)
 
 
 @cache

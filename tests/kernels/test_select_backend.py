@@ -6,18 +6,34 @@ import pytest
 import torch
 from lut_cases import random_table, wrap
 
-from lqmod.kernels import select_backend
+from lqmod.kernels import native, select_backend
 from lqmod.kernels.base import Capabilities
 from lqmod.kernels.triton.backend import FUSED, TILED, TritonLutBackend
 
 CPU = torch.device("cpu")
 
 
-def test_cpu_defaults_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_defaults_to_native_then_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LQMOD_TRITON_INTERPRET", raising=False)
     case = wrap(random_table((8, 16), 4, 8, seed=0))
+    # Without a lut_format only the reference applies; with one, the compiled kernel if built.
     assert select_backend(case.qweight, CPU).name == "torch"
-    assert select_backend(case.qweight, CPU, lut_format=case.lut_format).name == "torch"
+    expected = "native" if native.available() else "torch"
+    assert select_backend(case.qweight, CPU, lut_format=case.lut_format).name == expected
+    assert select_backend(case.qweight, CPU, lut_format=lambda qw: None).name == "torch"
+    assert select_backend(case.qweight, CPU, lut_format=case.lut_format, backend="torch").name == "torch"
+
+
+def test_explicit_native_fails_loudly() -> None:
+    case = wrap(random_table((8, 16), 4, 8, seed=0))
+    with pytest.raises(ValueError, match="native backend cannot run 'lut-test' weights: the quantizer declares no"):
+        select_backend(case.qweight, CPU, backend="native")
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    with pytest.raises(ValueError, match="no LutFormat"):
+        select_backend(case.qweight, CPU, lut_format=lambda qw: None, backend="native")
+    with pytest.raises(ValueError, match="device 'meta' not in"):
+        select_backend(case.qweight, torch.device("meta"), lut_format=case.lut_format, backend="native")
 
 
 def test_env_asks_for_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

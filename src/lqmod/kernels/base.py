@@ -15,7 +15,7 @@ from lqmod.types import Materialize, QuantizedWeight
 __all__ = ["BackendName", "Capabilities", "KernelBackend", "LutFormatFn", "select_backend"]
 
 LutFormatFn = Callable[[QuantizedWeight], "LutFormat | None"]
-BackendName = Literal["auto", "torch", "triton"]
+BackendName = Literal["auto", "torch", "native", "triton"]
 
 
 class KernelBackend(Protocol):
@@ -72,21 +72,33 @@ def select_backend(
 
     ``lut_format`` is the quantizer's :attr:`~lqmod.types.QuantizerSpec.lut_format`; without
     it only the torch reference applies. ``backend`` (default: "auto") forces a choice;
-    "auto" picks Triton on CUDA when triton imports and the format is supported, and the
-    torch reference on CPU unless ``LQMOD_TRITON_INTERPRET=1`` asks for Triton's
-    interpreter. An explicit "triton" that cannot run raises instead of falling back.
+    "auto" picks Triton on CUDA when triton imports and the format is supported; on CPU the
+    compiled "native" LUT kernel (:mod:`lqmod.kernels.native`) when it builds and declares
+    the format, else the torch reference, unless ``LQMOD_TRITON_INTERPRET=1`` asks for
+    Triton's interpreter. An explicit "triton" or "native" that cannot run raises instead of
+    falling back.
     """
     from lqmod.kernels.reference import REFERENCE
 
     device = torch.device(device)
     choice = backend or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown kernel backend {choice!r}; choose one of: auto, torch, triton")
+    if choice not in ("auto", "torch", "native", "triton"):
+        raise ValueError(f"unknown kernel backend {choice!r}; choose one of: auto, torch, native, triton")
+    if choice == "native" or (choice == "auto" and device.type == "cpu" and not _env_wants_interpreter()):
+        native_reason = _native_unsupported(qweight, device, lut_format)
+        if native_reason is None:
+            from lqmod.kernels.native.backend import NativeLutBackend
+
+            assert lut_format is not None
+            return NativeLutBackend(lut_format)
+        if choice == "native":
+            raise ValueError(f"the native backend cannot run {qweight.quantizer!r} weights: {native_reason}")
+        return REFERENCE
     # The environment variable is a process-wide preference: weights the interpreter
     # cannot run quietly keep the reference. Only the explicit argument is strict.
     wants_triton = choice == "triton" or (
         choice == "auto"
-        and (device.type == "cuda" or _truthy(os.environ.get("LQMOD_TRITON_INTERPRET")))
+        and (device.type == "cuda" or _env_wants_interpreter())
     )
     if not wants_triton:
         return REFERENCE
@@ -117,6 +129,28 @@ def _triton_unsupported(
 
     # The tiled kernel's capabilities are the backend's: what it cannot fuse, it tiles.
     return TILED.unsupported(fmt, device_kind(device))
+
+
+def _native_unsupported(
+    qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None
+) -> str | None:
+    if lut_format is None:
+        return "the quantizer declares no lut_format"
+    from lqmod.kernels.native import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    fmt = lut_format(qweight)
+    if fmt is None:
+        return "this weight's configuration has no LutFormat"
+    from lqmod.kernels.native.backend import NATIVE
+
+    return NATIVE.unsupported(fmt, device.type)
+
+
+def _env_wants_interpreter() -> bool:
+    return _truthy(os.environ.get("LQMOD_TRITON_INTERPRET"))
 
 
 def _truthy(value: str | None) -> bool:
