@@ -21,6 +21,7 @@ __all__ = [
     "PlanEntry",
     "QuantizerConfig",
     "TargetConfig",
+    "format_validation_error",
     "validate_config",
 ]
 
@@ -122,10 +123,18 @@ def validate_config(model: type[FrozenModel], data: Any, *, what: str) -> Any:
     try:
         return model.model_validate(data or {})
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "<root>"
-            given = err.get("input")
-            parts.append(f"field {field!r} = {given!r}: {err['msg']}")
-        fields = ", ".join(model.model_fields)
-        raise ConfigError(f"{what}: " + "; ".join(parts) + f" (fields: {fields})") from None
+        raise ConfigError(format_validation_error(exc, what=what, fields=list(model.model_fields))) from None
+
+
+def format_validation_error(exc: ValidationError, *, what: str | None = None, fields: list[str] | None = None) -> str:
+    """pydantic's multi-line report as one line: each offending field, the value given, the rule."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        given = err.get("input")
+        # pydantic prefixes custom validators' messages with "Value error, "; the rest is the message.
+        msg = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
+        parts.append(f"field {field!r} = {given!r}: {msg}")
+    head = f"{what or exc.title}: "
+    tail = f" (fields: {', '.join(fields)})" if fields else ""
+    return head + "; ".join(parts) + tail

@@ -91,6 +91,23 @@ def load_local_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
+
+
+def _require_safetensors(path: Path) -> None:
+    """lqmod reads weights from safetensors only: loading a pickle can run arbitrary code."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise FileNotFoundError(
+            f"{path} holds its weights only as {', '.join(pickles)} (pickle or other non-safetensors formats); "
+            "lqmod loads safetensors weights only. Convert them once with transformers (from a source you trust): "
+            "AutoModel.from_pretrained(path).save_pretrained(path)"
+        )
+    raise FileNotFoundError(f"{path} has no *.safetensors weights file; lqmod loads safetensors weights only")
+
+
 def load_local_model(name_or_path: str, *, dtype: Any = None) -> tuple[Any, Any, LocalModel]:
     """(model, tokenizer, where) loaded from local files in eval mode."""
     _offline()
@@ -98,7 +115,9 @@ def load_local_model(name_or_path: str, *, dtype: Any = None) -> tuple[Any, Any,
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     where = resolve_model(name_or_path)
-    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if not where.gguf_file:
+        _require_safetensors(where.path)
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "use_safetensors": True}
     if where.gguf_file:
         kwargs["gguf_file"] = where.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(where.path, **({"gguf_file": where.gguf_file} if where.gguf_file else {}))

@@ -86,8 +86,9 @@ def check_materialized(spec: QuantizerSpec, qweight: QuantizedWeight, dense: tor
         first = tuple((~finite).nonzero()[0].tolist())
         raise QuantizationError(
             f"{name}: quantizer {spec.name!r} with config {qweight.config} materializes {count} non-finite "
-            f"value(s) (first at {first}) from finite input: typically a float16 scale that overflowed on large "
-            "weights; choose a config with wider scales (e.g. float32) or rescale the weight"
+            f"value(s) (first at {first}) from finite input: typically a scale that overflowed its storage "
+            "type on large weights; choose a config with wider scales (e.g. float32, no double quantization) "
+            "or rescale the weight"
         )
 
 

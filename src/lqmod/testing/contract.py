@@ -11,7 +11,17 @@ A plug-in author subclasses :class:`QuantizerContract` in their own test suite::
         max_relative_error = 0.5                       # optional: or override relative_error_bound()
 
 Every ``test_*`` method that takes ``config`` runs once per entry of ``configs`` (dicts or
-config instances); those taking ``dtype`` run once per entry of ``materialize_dtypes``.
+config instances); those taking ``dtype`` run once per entry of ``materialize_dtypes``;
+those taking ``weight_kind`` once per hard test weight (``"outliers"``: a few entries 25-60
+standard deviations out; ``"heavy-tailed"``: Student-t with 2 degrees of freedom;
+``"real"``: a block of a trained all-MiniLM-L6-v2 matrix, skipped where that model is not
+installed).
+
+Beyond shape, dtype and storage bookkeeping, the suite checks that ``quantize`` is
+deterministic (twice the same call, the same bits) and, unless
+``thread_count_independent = False`` says otherwise (and the plug-in documents it),
+independent of ``torch.set_num_threads``; and that the ``validate`` hook accepts the
+quantizer's own output and refuses it under a config with another bit width.
 Quantizers that need calibration statistics override :meth:`QuantizerContract.stats`; a
 quantizer that is not installed through an entry point can override
 :meth:`QuantizerContract.get_spec`.
@@ -24,6 +34,7 @@ broken quantizer fails them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +49,7 @@ from torch import nn
 import lqmod
 from lqmod.config import ConfigError, LoRAConfig, QuantizerConfig, validate_config
 from lqmod.nn.lora_linear import LoRALinear
-from lqmod.quantize import QuantizationError, quantize_weight
+from lqmod.quantize import QuantizationError, quantize_weight, validate_qweight
 from lqmod.types import LayerStats, Option, QuantizedWeight, QuantizerSpec
 
 __all__ = ["QuantizerContract", "dense_sized_saved_tensors", "relative_error"]
@@ -102,6 +113,26 @@ def _json_normalised(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+WEIGHT_KINDS = ("outliers", "heavy-tailed", "real")
+#: The MiniLM matrix the "real" weight is cut from (384 x 1536: fits most test shapes).
+REAL_WEIGHT = "encoder.layer.0.output.dense.weight"
+
+
+@functools.lru_cache(maxsize=4)
+def _real_matrix(name: str) -> torch.Tensor | None:
+    """A trained weight matrix of all-MiniLM-L6-v2 (via :mod:`lqmod.hf`), or None if absent."""
+    try:
+        from safetensors import safe_open
+
+        from lqmod.hf import resolve_model
+
+        path = resolve_model("minilm").path / "model.safetensors"
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor(name).float() if name in fh.keys() else None  # noqa: SIM118
+    except (ImportError, FileNotFoundError, OSError):
+        return None
+
+
 class QuantizerContract:
     """Subclass in a ``Test*`` class and set :attr:`quantizer` (and usually :attr:`configs`)."""
 
@@ -120,6 +151,13 @@ class QuantizerContract:
     input_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.bfloat16, torch.float16)
     device: ClassVar[str] = "cpu"
     seed: ClassVar[int] = 0
+    #: Whether ``quantize`` gives the same bits with 1 and 2 torch threads. Set False only for
+    #: a quantizer whose docs state what is reproducible instead (e.g. lq: same thread count).
+    thread_count_independent: ClassVar[bool] = True
+    #: Bound of the relative error on the largest 0.5% entries of a hard weight.
+    extreme_error_bound: ClassVar[float] = 0.5
+    #: The trained matrix the "real" test weight is cut from (see :func:`make_hard_weight`).
+    real_weight: ClassVar[str] = REAL_WEIGHT
 
     # -- what a subclass may override --------------------------------------------------
 
@@ -139,6 +177,39 @@ class QuantizerContract:
     def relative_error_bound(self, config: QuantizerConfig) -> float:
         return self.max_relative_error
 
+    def make_hard_weight(self, kind: str) -> torch.Tensor | None:
+        """A test weight of :attr:`shape` that is harder than a Gaussian, or None if unavailable.
+
+        ``"outliers"``: N(0, 0.02^2) with 0.5% of the entries (at least 2) replaced by
+        +-25..60 standard deviations, as activation-outlier channels leave in LLM weights;
+        ``"heavy-tailed"``: 0.02 x Student-t(2), whose variance is infinite;
+        ``"real"``: the top-left block of :attr:`real_weight` in all-MiniLM-L6-v2.
+        """
+        gen = torch.Generator().manual_seed(self.seed + 11)
+        out_f, in_f = self.shape
+        if kind == "outliers":
+            w = torch.randn(self.shape, generator=gen, dtype=torch.float64) * 0.02
+            n = max(2, w.numel() // 200)
+            idx = torch.randperm(w.numel(), generator=gen)[:n]
+            sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+            w.view(-1)[idx] = sign * (25 + 35 * torch.rand(n, generator=gen, dtype=torch.float64)) * 0.02
+        elif kind == "heavy-tailed":
+            z = torch.randn(self.shape, generator=gen, dtype=torch.float64)
+            chi2 = torch.randn((2, *self.shape), generator=gen, dtype=torch.float64).pow(2).sum(0)
+            w = 0.02 * z / (chi2 / 2).sqrt()
+        elif kind == "real":
+            full = _real_matrix(self.real_weight)
+            if full is None or full.shape[0] < out_f or full.shape[1] < in_f:
+                return None
+            w = full[:out_f, :in_f].double()
+        else:
+            raise ValueError(f"unknown weight kind {kind!r}; choose one of {WEIGHT_KINDS}")
+        return w.to(self.device, torch.float32).contiguous()
+
+    def hard_weight_error_bound(self, config: QuantizerConfig, kind: str) -> float:
+        """Bound of the relative error on a hard weight; by default 1.0, what zeros achieve."""
+        return 1.0
+
     # -- parametrisation and fixtures --------------------------------------------------
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
@@ -153,6 +224,8 @@ class QuantizerContract:
             metafunc.parametrize("dtype", self.materialize_dtypes, ids=_dtype_id)
         if "input_dtype" in metafunc.fixturenames:
             metafunc.parametrize("input_dtype", self.input_dtypes, ids=_dtype_id)
+        if "weight_kind" in metafunc.fixturenames:
+            metafunc.parametrize("weight_kind", WEIGHT_KINDS)
 
     @pytest.fixture
     def spec(self) -> QuantizerSpec:
@@ -241,6 +314,95 @@ class QuantizerContract:
             pytest.skip(f"{spec.name} needs no calibration statistics")
         with pytest.raises(QuantizationError, match="needs calibration statistics"):
             quantize_weight(spec, self.make_weight(), self.configs[0], None)
+
+    def test_quantize_is_deterministic(self, spec: QuantizerSpec, cfg: QuantizerConfig, weight: torch.Tensor) -> None:
+        # Checkpoints and benchmarks must be reproducible from a seed: a quantizer drawing
+        # unseeded random numbers (or reading global RNG state) gives different bits here.
+        first = quantize_weight(spec, weight, cfg, self.stats(weight))
+        torch.randn(7)  # advances the global RNG: its state must not matter either
+        second = quantize_weight(spec, weight.clone(), cfg, self.stats(weight))
+        assert _json_normalised(first.header()) == _json_normalised(second.header()), "headers differ"
+        for k, v in first.tensors.items():
+            assert _bitwise_equal(v, second.tensors[k]), f"quantize is not deterministic: tensor {k!r} differs"
+
+    def test_quantize_is_independent_of_thread_count(self, spec: QuantizerSpec, weight: torch.Tensor) -> None:
+        # The first config only: a thread-count dependence lives in the algorithm, not a setting.
+        if not self.thread_count_independent:
+            pytest.skip(f"{spec.name} is documented as reproducible only at a fixed torch thread count")
+        cfg = validate_config(spec.config_model, self.configs[0], what=f"{spec.name} config")
+        before = torch.get_num_threads()
+        results = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(quantize_weight(spec, weight, cfg, self.stats(weight)))
+        finally:
+            torch.set_num_threads(before)
+        one, two = results
+        differ = [k for k, v in one.tensors.items() if not _bitwise_equal(v, two.tensors[k])]
+        assert not differ, (
+            f"quantize gives different {differ} with 1 and 2 torch threads; make it independent of the thread "
+            "count, or set thread_count_independent = False and document what is reproducible"
+        )
+
+    def test_hard_weights(self, spec: QuantizerSpec, cfg: QuantizerConfig, weight_kind: str) -> None:
+        weight = self.make_hard_weight(weight_kind)
+        if weight is None:
+            pytest.skip(f"no {weight_kind!r} test weight of shape {self.shape} here (all-MiniLM-L6-v2 not installed?)")
+        try:
+            qw = quantize_weight(spec, weight, cfg, self.stats(weight))
+        except QuantizationError as exc:
+            # Refusing is allowed only with a clear message, never for ordinary finite weights.
+            pytest.fail(f"{weight_kind} weight was refused: {exc}")
+        validate_qweight(spec, qw, name=f"{weight_kind} weight")
+        dense = spec.materialize(qw, torch.float32)
+        assert bool(torch.isfinite(dense).all()), f"{weight_kind} weight materializes non-finite values"
+        assert qw.bits_per_param() == spec.bits_per_param(cfg, self.shape)
+        err = relative_error(dense, weight)
+        bound = self.hard_weight_error_bound(cfg, weight_kind)
+        assert err < bound, f"relative error {err:.4g} >= {bound:.4g} on the {weight_kind} weight"
+        # The largest entries (the outliers) carry most of the signal: they must survive.
+        flat, approx = weight.flatten(), dense.flatten()
+        top = flat.abs().topk(max(2, flat.numel() // 200)).indices
+        top_err = relative_error(approx[top], flat[top])
+        assert top_err < self.extreme_error_bound, (
+            f"the largest 0.5% entries of the {weight_kind} weight are off by {top_err:.4g} (relative) "
+            f">= {self.extreme_error_bound}: large weights are clipped or lost"
+        )
+
+    # -- validation of loaded weights ------------------------------------------------------
+
+    def test_validate_accepts_own_weights(self, spec: QuantizerSpec, qweight: QuantizedWeight) -> None:
+        assert spec.validate is not None, (
+            f"{spec.name} declares no validate hook: checkpoints of it cannot be checked against their config "
+            "(QuantizerSpec(validate=...), see lqmod.types.check_tensor_layout)"
+        )
+        # As after a trip through a checkpoint: the config is plain JSON data.
+        loaded = QuantizedWeight.from_header(_json_normalised(qweight.header()), qweight.tensors)
+        validate_qweight(spec, loaded, name="own weight")
+
+    def test_validate_refuses_another_bit_width(
+        self, spec: QuantizerSpec, cfg: QuantizerConfig, qweight: QuantizedWeight
+    ) -> None:
+        # A checkpoint whose manifest was edited to other bits must not load as garbage.
+        if spec.validate is None or "bits" not in spec.config_model.model_fields:
+            pytest.skip(f"{spec.name}: no validate hook or no 'bits' field")
+        tried = 0
+        for bits in range(1, 17):
+            if bits == getattr(cfg, "bits", None):
+                continue
+            try:
+                variant = validate_config(spec.config_model, {**cfg.model_dump(), "bits": bits}, what=spec.name)
+            except ConfigError:
+                continue
+            edited = dataclasses.replace(qweight, config=_json_normalised(variant.model_dump()))
+            with pytest.raises(ValueError):
+                spec.validate(edited, variant)
+            with pytest.raises(QuantizationError, match="edited layer"):
+                validate_qweight(spec, edited, name="edited layer")
+            tried += 1
+        if not tried:
+            pytest.skip(f"{spec.name} offers one bit width only")
 
     # -- materialize ---------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from lqmod_lq import LQConfig
 class TestLQContract(QuantizerContract):
     quantizer = "lq"
     shape = (40, 128)  # small: every option runs the full alternating loop
+    # The alternating loop amplifies last-bit differences of multi-threaded BLAS into other
+    # codes: lq is reproducible at a fixed torch thread count only (README.md, "Reproducibility").
+    thread_count_independent = False
     configs: ClassVar[list[dict[str, Any]]] = [
         {"rank": 4, "max_iters": 5},
         {"rank": 8, "base_config": {"bits": 4, "double_quant": False}, "factor_dtype": "fp16", "max_iters": 5},
