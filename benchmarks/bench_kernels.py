@@ -1,22 +1,24 @@
-"""Throughput of NF4 materialization and of a LoRA layer's forward+backward.
+"""Materialize throughput for every LUT-format quantizer, and a LoRA layer's forward+backward.
 
-Compared, on the same NF4 weight (blocksize 64, double quantization, as QLoRA):
+Compared, interleaved in one process (every repetition runs every method once, so a burst
+of load from other processes on a shared machine hits all of them alike):
 
-* ``lqmod-torch``: the plain-torch reference backend (materialize, matmul, drop);
-* ``lqmod-triton`` / ``lqmod-triton-tiled`` (CUDA only): the fused LutFormat kernels, and
-  the row-block dequantize kernel + cuBLAS;
-* ``bnb``: bitsandbytes' 4-bit path (``dequantize_4bit``; ``Linear4bit`` + the same LoRA);
-* ``dense``: a frozen dense ``nn.Linear`` + the same LoRA (materialize: a plain copy).
+* ``lqmod-native`` (CPU): the compiled LUT kernel the CPU backend picks (``select_backend``);
+* ``lqmod-torch``: the quantizer's own pure-torch ``materialize``, the reference/fallback;
+* ``lqmod-triton`` (CUDA): the Triton dequantize kernel / fused LoRA layer;
+* ``bnb``: bitsandbytes' NF4 ``dequantize_4bit`` (blocksize 64, compressed statistics), and
+  ``Linear4bit`` + PEFT's LoRA for the layer;
+* ``dense``: a copy of the dense weight (materialize) / ``nn.Linear`` + PEFT's LoRA (layer).
 
-Each time is also reported as a fraction of the memory-bandwidth roofline: the time the
-bytes that *must* move would take at the machine's bandwidth. For ``materialize`` that is
-the quantized weight read plus the dense weight written; for a layer forward+backward it is
-the quantized weight read twice (forward and backward), activations and FLOPs ignored, so
-large token counts are compute-bound and far below 1 by design. The bandwidth is measured
-with a large copy unless ``--bandwidth-gbs`` gives it.
+Formats (weights synthesised with random codes of each quantizer's own tensor layout;
+materialize cost does not depend on the values): NF4/NF3 (blocksize 64, double
+quantization), OPTQ 4/3/2-bit (group 128, asymmetric) and 4-bit act-order, RTN 4-bit.
+Ratios are to bitsandbytes' NF4 at the same shape, threads and dtype: ``ratio_to_bnb`` <= 1
+means lqmod is at least as fast.
 
-Writes ``benchmarks/results/kernels_<device>.json`` and a PNG plot beside it, and prints a
-table. Usage: python benchmarks/bench_kernels.py [--device cpu|cuda] [--quick]
+Each time is also a fraction of the memory roofline: quantized bytes read + dense bytes
+written, over a measured large-copy bandwidth. Writes ``results/kernels_<device>.json``
+and a plot. Usage: python benchmarks/bench_kernels.py [--threads 1,2] [--quick]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import re
@@ -35,21 +38,24 @@ from typing import Any
 
 import torch
 
-from lqmod.autograd import materialized_linear
-from lqmod.kernels.base import KernelBackend
+import lqmod
+from lqmod.config import LoRAConfig
+from lqmod.kernels import select_backend
 from lqmod.kernels.reference import REFERENCE
-from lqmod.types import QuantizedWeight
-from lqmod_nf.kernel_format import lut_format
-from lqmod_nf.quantizer import NFConfig, materialize, quantize
+from lqmod.nn.lora_linear import LoRALinear
+from lqmod.packing import packed_nbytes
+from lqmod.types import QuantizedWeight, QuantizerSpec
 
-# (out_features, in_features): LLaMA-7B's q/o projections and MLP up/down, and the same
-# ratios at a size two CPU cores finish in minutes.
 SHAPES = {
     "cuda": [(4096, 4096), (11008, 4096), (4096, 11008)],
-    "cpu": [(1024, 1024), (2752, 1024), (1024, 2752)],
+    "cpu": [(1024, 1024), (4096, 4096), (11008, 4096)],
 }
+LAYER_SHAPES = {"cuda": [(4096, 4096), (11008, 4096)], "cpu": [(1024, 1024), (2752, 1024)]}
 TOKENS = (1, 16, 512)
 RANK = 16
+# The pure-torch reference takes seconds at LLaMA sizes on 2 cores: timed up to this many
+# weights (the speed-up is the same ratio at every size; see results at 1024x1024).
+TORCH_MAX_NUMEL = 1 << 22
 
 Step = Callable[[], Any]
 
@@ -62,23 +68,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Step, device: torch.device, min_seconds: float, max_reps: int) -> tuple[float, float]:
-    """(median, min) wall time of ``fn`` in ms, after a warm-up call (compilation, autotuning).
-
-    The minimum is kept too: on a shared machine it is the better estimate of the code's
-    own cost, the median of what a user would see.
-    """
+def _once(fn: Step, device: torch.device) -> float:
+    start = time.perf_counter()
     fn()
     _sync(device)
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < 3 or (spent < min_seconds and len(times) < max_reps):
-        start = time.perf_counter()
+    return (time.perf_counter() - start) * 1e3
+
+
+def interleaved(steps: dict[str, Step], device: torch.device, reps: int, calls: int) -> dict[str, list[float]]:
+    """Per method, the best of ``calls`` timings in each of ``reps`` rounds that run all methods."""
+    for fn in steps.values():  # warm-up: compilation, autotuning, first-touch allocation
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-        spent += times[-1] / 1e3
-    return statistics.median(times), min(times)
+    _sync(device)
+    out: dict[str, list[float]] = {m: [] for m in steps}
+    for _ in range(reps):
+        for m, fn in steps.items():
+            out[m].append(min(_once(fn, device) for _ in range(calls)))
+    return out
 
 
 def measure_bandwidth(device: torch.device) -> float:
@@ -86,27 +92,56 @@ def measure_bandwidth(device: torch.device) -> float:
     n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    best = time_ms(lambda: dst.copy_(src), device, 0.5, 20)[1]
+    best = min(interleaved({"copy": lambda: dst.copy_(src)}, device, 5, 2)["copy"])
     return 2 * n_bytes / (best / 1e3) / 1e9
 
 
-# -- the compared implementations ---------------------------------------------------------
+# -- weights ------------------------------------------------------------------------------
+
+# name -> (quantizer, config, bits): the formats compared on one chart.
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    "nf4": ("nf", {"bits": 4, "blocksize": 64, "double_quant": True}),
+    "nf3": ("nf", {"bits": 3, "blocksize": 64, "double_quant": True}),
+    "optq4-g128": ("optq", {"bits": 4, "group_size": 128, "sym": False}),
+    "optq3-g128": ("optq", {"bits": 3, "group_size": 128, "sym": False}),
+    "optq2-g128": ("optq", {"bits": 2, "group_size": 128, "sym": False}),
+    "optq4-g128-act": ("optq", {"bits": 4, "group_size": 128, "sym": False, "desc_act": True}),
+    "rtn4-g128": ("rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
+}
 
 
-class Weight:
-    """One dense weight and its NF4 encodings: lqmod's and bitsandbytes'."""
-
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, seed: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        dense = (torch.randn(shape, generator=gen) * 0.02).to(device, dtype)
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self.dense = dense
-        self.qweight: QuantizedWeight = quantize(dense, NFConfig(bits=4, blocksize=64, double_quant=True))
-        self.quantized_bytes = self.qweight.storage_bits() // 8
-        self.bnb = _bnb_weight(dense)
+def _random_bytes(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
 
 
-def _bnb_weight(dense: torch.Tensor) -> Any | None:
+def synth_weight(
+    fmt: str, shape: tuple[int, int], device: torch.device, seed: int = 0
+) -> tuple[QuantizerSpec, QuantizedWeight]:
+    """A valid weight of ``fmt`` with random codes, in the quantizer's own tensor layout."""
+    name, overrides = FORMATS[fmt]
+    spec = lqmod.get_registry().quantizer(name)
+    cfg = spec.config_model(**overrides).model_dump()
+    out_f, in_f = shape
+    bits, n = int(cfg["bits"]), out_f * in_f
+    gen = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {"codes": _random_bytes(packed_nbytes(n, bits), gen)}
+    if name == "nf":
+        blocks = n // int(cfg["blocksize"])
+        t["absmax_codes"] = _random_bytes(blocks, gen)
+        t["absmax_scale"] = torch.rand(-(-blocks // int(cfg["dq_blocksize"])), generator=gen) * 0.1
+        t["absmax_offset"] = torch.tensor([0.05])
+    else:
+        groups = in_f // int(cfg["group_size"])
+        t["scales"] = (torch.rand(out_f, groups, generator=gen) * 0.01 + 1e-3).half()
+        if not cfg.get("sym", cfg.get("symmetric")):
+            t["zeros"] = _random_bytes(packed_nbytes(out_f * groups, bits), gen)
+        if cfg.get("desc_act"):
+            t["g_idx"] = (torch.arange(in_f) // int(cfg["group_size"]))[torch.randperm(in_f, generator=gen)].int()
+    qweight = QuantizedWeight(name, cfg, shape, {k: v.to(device) for k, v in t.items()}, {}, torch.float32)
+    return spec, qweight
+
+
+def _bnb_nf4(dense: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:
@@ -114,113 +149,155 @@ def _bnb_weight(dense: torch.Tensor) -> Any | None:
     return bnbf.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
 
 
-def materializers(w: Weight) -> dict[str, Step]:
-    steps: dict[str, Step] = {"lqmod-torch": lambda: materialize(w.qweight, w.dtype)}
-    if w.device.type == "cuda":
-        from lqmod.kernels.triton.launch import lut_dequant
+# -- materialize --------------------------------------------------------------------------
 
-        steps["lqmod-triton"] = lambda: lut_dequant(lut_format(w.qweight), w.dtype)
-    if w.bnb is not None:
+
+def materialize_rows(
+    shape: tuple[int, int], threads: int, dtype: torch.dtype, device: torch.device, bandwidth: float,
+    formats: list[str], reps: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    dense = (torch.randn(shape, generator=gen) * 0.02).to(device, dtype)
+    steps: dict[str, Step] = {"dense/copy": lambda: dense.clone()}
+    bnb = _bnb_nf4(dense)
+    if bnb is not None:
         import bitsandbytes.functional as bnbf
 
-        packed, state = w.bnb
-        steps["bnb"] = lambda: bnbf.dequantize_4bit(packed, state)
-    steps["dense"] = lambda: w.dense.clone()
-    return steps
+        packed, state = bnb
+        steps["bnb/nf4"] = lambda: bnbf.dequantize_4bit(packed, state)
+    sizes: dict[str, int] = {"dense/copy": dense.numel() * dense.element_size()}
+    if bnb is not None:
+        packed, state = bnb
+        sizes["bnb/nf4"] = packed.numel() + math.ceil(dense.numel() / 64) + 4 * math.ceil(dense.numel() / 64 / 256)
+    for fmt in formats:
+        spec, qw = synth_weight(fmt, shape, device)
+        sizes[fmt] = qw.storage_bits() // 8
+        backend = select_backend(qw, device, lut_format=spec.lut_format)
+        fast = f"{fmt}/lqmod-{backend.name}"
+        if backend.name == "native":
+            steps[fast] = lambda b=backend, q=qw, s=spec: b.weight(q, s.materialize, dtype)
+        elif backend.name == "triton":
+            from lqmod.kernels.triton.launch import lut_dequant
 
-
-def layer_steps(w: Weight, tokens: int) -> dict[str, Step]:
-    """forward+backward of ``y = x W^T + s (x A^T) B^T`` for each implementation of ``x W^T``."""
-    out_f, in_f = w.shape
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, in_f, generator=gen).to(w.device, w.dtype).requires_grad_(True)
-    grad_y = torch.randn(tokens, out_f, generator=gen).to(w.device, w.dtype)
-    lora_a = (torch.randn(RANK, in_f, generator=gen) * 0.01).to(w.device, w.dtype).requires_grad_(True)
-    lora_b = torch.zeros(out_f, RANK, device=w.device, dtype=w.dtype, requires_grad=True)
-
-    def with_lora(base: Callable[[torch.Tensor], torch.Tensor]) -> Step:
-        def step() -> None:
-            y = base(x) + 2.0 * ((x @ lora_a.t()) @ lora_b.t())
-            y.backward(grad_y)
-            x.grad = lora_a.grad = lora_b.grad = None
-
-        return step
-
-    def lqmod(backend: KernelBackend) -> Step:
-        return with_lora(lambda t: materialized_linear(t, w.qweight, materialize, backend))
-
-    steps = {"lqmod-torch": lqmod(REFERENCE)}
-    if w.device.type == "cuda":
-        from lqmod.kernels.triton.backend import TritonLutBackend
-
-        steps["lqmod-triton"] = lqmod(TritonLutBackend(lut_format, strategy="fused"))
-        steps["lqmod-triton-tiled"] = lqmod(TritonLutBackend(lut_format, strategy="tiled"))
-    bnb_linear = _bnb_linear(w)
-    if bnb_linear is not None:
-        steps["bnb"] = with_lora(bnb_linear)
-    dense = w.dense
-    steps["dense"] = with_lora(lambda t: t @ dense.t())
-    return steps
-
-
-def _bnb_linear(w: Weight) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    out_f, in_f = w.shape
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=w.dtype, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(
-        w.dense.detach().cpu(), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True
-    )
-    layer = layer.to(w.device)
-    return layer
-
-
-# -- the run ------------------------------------------------------------------------------
-
-
-def run(device: torch.device, dtype: torch.dtype, bandwidth: float, quick: bool) -> list[dict[str, Any]]:
-    shapes = SHAPES["cuda" if device.type == "cuda" else "cpu"][: 1 if quick else None]
-    budget = 0.05 if quick else (0.5 if device.type == "cuda" else 0.3)
-    rows: list[dict[str, Any]] = []
-    for shape in shapes:
-        w = Weight(shape, dtype, device)
-        dense_bytes = w.dense.numel() * w.dense.element_size()
-        ideal = (w.quantized_bytes + dense_bytes) / (bandwidth * 1e9) * 1e3
-        for method, step in materializers(w).items():
-            rows.append(_row("materialize", shape, None, method, time_ms(step, device, budget, 50), ideal))
-        ideal = 2 * w.quantized_bytes / (bandwidth * 1e9) * 1e3
-        for tokens in TOKENS[:2] if quick else TOKENS:
-            for method, step in layer_steps(w, tokens).items():
-                rows.append(_row("layer_fwd_bwd", shape, tokens, method, time_ms(step, device, budget, 50), ideal))
-        del w
+            steps[fast] = lambda q=qw, s=spec: lut_dequant(s.lut_format(q), dtype)  # type: ignore[misc]
+        if dense.numel() <= TORCH_MAX_NUMEL or device.type == "cuda":
+            steps[f"{fmt}/lqmod-torch"] = lambda q=qw, s=spec: s.materialize(q, dtype)
+    calls = 3 if dense.numel() <= 1 << 22 else 1
+    times = interleaved(steps, device, reps, calls)
+    bnb_ms = statistics.median(times["bnb/nf4"]) if "bnb/nf4" in times else None
+    rows = []
+    for key, ts in times.items():
+        fmt, method = key.split("/")
+        out_bytes = dense.numel() * dense.element_size()
+        read = sizes.get(fmt, out_bytes)
+        ms = statistics.median(ts)
+        ideal = (read + out_bytes) / (bandwidth * 1e9) * 1e3
+        rows.append({
+            "op": "materialize", "format": fmt, "method": method, "shape": list(shape), "threads": threads,
+            "dtype": str(dtype).removeprefix("torch."), "tokens": None, "ms": round(ms, 4),
+            "ms_min": round(min(ts), 4), "reps": len(ts), "roofline_frac": round(ideal / ms, 4),
+            "ratio_to_bnb": round(ms / bnb_ms, 3) if bnb_ms else None,
+        })  # fmt: skip
     return rows
 
 
-def _row(
-    op: str, shape: tuple[int, int], tokens: int | None, method: str, times: tuple[float, float], ideal_ms: float
-) -> dict[str, Any]:
-    ms, ms_min = times
-    row = {"op": op, "shape": list(shape), "tokens": tokens, "method": method, "ms": round(ms, 4)}
-    row.update(ms_min=round(ms_min, 4), roofline_ms=round(ideal_ms, 4), roofline_frac=round(ideal_ms / ms, 4))
-    print(f"  {op:<14} {shape!s:<14} tokens={tokens!s:<5} {method:<20} {ms:9.3f} ms  {ideal_ms / ms:6.1%}")
-    return row
+# -- LoRA layer forward+backward ----------------------------------------------------------
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, proj: torch.nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # type: ignore[no-any-return]
+
+
+def _peft_lora(base: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=["proj"])
+    model = peft.get_peft_model(_Holder(base), cfg)
+    return model
+
+
+def layer_rows(
+    shape: tuple[int, int], threads: int, dtype: torch.dtype, device: torch.device, formats: list[str], reps: int
+) -> list[dict[str, Any]]:
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(2)
+    dense = (torch.randn(shape, generator=gen) * 0.02).to(device, dtype)
+    lora = LoRAConfig(r=RANK, alpha=2 * RANK)
+    modules: dict[str, torch.nn.Module] = {}
+    for fmt in formats:
+        spec, qw = synth_weight(fmt, shape, device)
+        a = (torch.randn(RANK, in_f, generator=gen) * 0.01).to(device, dtype)
+        b = (torch.randn(out_f, RANK, generator=gen) * 0.01).to(device, dtype)
+        layer = LoRALinear(qw, spec, lora, lora_a=a, lora_b=b)
+        backend = layer.backend(device)
+        modules[f"{fmt}/lqmod-{backend.name}"] = layer
+        if backend.name != "torch" and dense.numel() <= TORCH_MAX_NUMEL:
+            ref = LoRALinear(qw, spec, lora, lora_a=a, lora_b=b)
+            ref._backend, ref._backend_device = REFERENCE, device  # force the reference path
+            modules[f"{fmt}/lqmod-torch"] = ref
+    try:
+        import bitsandbytes as bnb
+
+        lin4 = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, quant_type="nf4")
+        lin4.weight = bnb.nn.Params4bit(
+            dense.detach().cpu(), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True
+        )
+        peft_bnb = _peft_lora(lin4.to(device))
+        if peft_bnb is not None:
+            modules["bnb/nf4+peft"] = peft_bnb.to(dtype) if device.type == "cpu" else peft_bnb
+    except ImportError:
+        pass
+    lin = torch.nn.Linear(in_f, out_f, bias=False).to(device, dtype)
+    lin.weight.data.copy_(dense)
+    lin.weight.requires_grad_(False)
+    peft_dense = _peft_lora(lin)
+    if peft_dense is not None:
+        modules["dense/peft"] = peft_dense
+    rows = []
+    for tokens in TOKENS:
+        x = torch.randn(tokens, in_f, generator=gen).to(device, dtype).requires_grad_(True)
+        grad_y = torch.randn(tokens, out_f, generator=gen).to(device, dtype)
+
+        def step(m: torch.nn.Module, x: torch.Tensor = x, grad_y: torch.Tensor = grad_y) -> None:
+            m(x).backward(grad_y)
+            x.grad = None
+            for p in m.parameters():
+                p.grad = None
+
+        steps = {k: (lambda m=m: step(m)) for k, m in modules.items()}
+        times = interleaved(steps, device, reps, 3 if tokens < 512 else 1)
+        bnb_ms = statistics.median(times["bnb/nf4+peft"]) if "bnb/nf4+peft" in times else None
+        for key, ts in times.items():
+            fmt, method = key.split("/")
+            ms = statistics.median(ts)
+            rows.append({
+                "op": "layer_fwd_bwd", "format": fmt, "method": method, "shape": list(shape), "threads": threads,
+                "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "ms": round(ms, 4),
+                "ms_min": round(min(ts), 4), "reps": len(ts),
+                "ratio_to_bnb": round(ms / bnb_ms, 3) if bnb_ms else None,
+            })  # fmt: skip
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    keys = list(dict.fromkeys((r["op"], tuple(r["shape"]), r["tokens"]) for r in rows))
-    head = f"{'op':<14} {'shape (out,in)':<15} {'tokens':>6} " + " ".join(f"{m:>22}" for m in methods)
-    print("\n" + head + "\n" + "-" * len(head))
-    cell = {(r["op"], tuple(r["shape"]), r["tokens"], r["method"]): r for r in rows}
-    for op, shape, tokens in keys:
-        parts = []
-        for m in methods:
-            r = cell.get((op, shape, tokens, m))
-            parts.append(f"{r['ms']:>10.3f} ms {r['roofline_frac']:>7.1%}" if r else f"{'-':>22}")
-        print(f"{op:<14} {f'{shape[0]}x{shape[1]}':<15} {tokens if tokens else '':>6} " + " ".join(parts))
-    print("(each cell: median time, fraction of the memory-bandwidth roofline)")
+    head = f"{'op':<14} {'shape':<11} {'thr':>3} {'tok':>4} {'format':<15} {'method':<13}"
+    print(f"\n{head} {'ms':>9} {'min':>9} {'x bnb':>6}")
+    for r in rows:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        ratio = f"{r['ratio_to_bnb']:.2f}" if r.get("ratio_to_bnb") else "-"
+        tok = r["tokens"] if r["tokens"] else ""
+        print(f"{r['op']:<14} {shape:<11} {r['threads']:>3} {tok!s:>4} {r['format']:<15} {r['method']:<13} "
+              f"{r['ms']:>9.3f} {r['ms_min']:>9.3f} {ratio:>6}")  # fmt: skip
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -229,28 +306,42 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(tuple(r["shape"]) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(2, len(shapes), figsize=(4.2 * len(shapes), 7), squeeze=False)
-    for col, shape in enumerate(shapes):
-        mat = [r for r in rows if r["op"] == "materialize" and tuple(r["shape"]) == shape]
-        ax = axes[0][col]
-        colors = [f"C{methods.index(r['method'])}" for r in mat]
-        ax.bar([r["method"] for r in mat], [r["ms"] for r in mat], color=colors)
-        ax.set_title(f"materialize {shape[0]}x{shape[1]}")
-        ax.set_ylabel("ms")
-        ax.tick_params(axis="x", rotation=30)
-        ax = axes[1][col]
-        for m in methods:
-            pts = [r for r in rows if r["op"] == "layer_fwd_bwd" and tuple(r["shape"]) == shape and r["method"] == m]
-            if pts:
-                ax.plot([r["tokens"] for r in pts], [r["ms"] for r in pts], "o-", color=f"C{methods.index(m)}", label=m)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("fwd+bwd ms")
-        ax.set_title(f"LoRA layer {shape[0]}x{shape[1]}")
-        ax.legend(fontsize=7)
+    mat = [r for r in rows if r["op"] == "materialize" and r["method"] not in ("torch",) and r["ratio_to_bnb"]]
+    groups = list(dict.fromkeys((tuple(r["shape"]), r["threads"], r["dtype"]) for r in mat))
+    series = list(dict.fromkeys(f"{r['format']}/{r['method']}" for r in mat))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    ax = axes[0]
+    width = 0.8 / max(1, len(series))
+    for i, s in enumerate(series):
+        ys = []
+        for g in groups:
+            hit = [
+                r
+                for r in mat
+                if (tuple(r["shape"]), r["threads"], r["dtype"]) == g and f"{r['format']}/{r['method']}" == s
+            ]
+            ys.append(hit[0]["ratio_to_bnb"] if hit else float("nan"))
+        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=s)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.5, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{g[0][0]}x{g[0][1]}\n{g[1]} thr {g[2]}" for g in groups], fontsize=7)
+    ax.set_ylabel("time / bitsandbytes NF4 dequantize_4bit")
+    ax.set_yscale("log")
+    ax.set_title("materialize (lower is faster; 1 = bnb, dashed 1.5)")
+    ax.legend(fontsize=6, ncol=2)
+    ax = axes[1]
+    lay = [r for r in rows if r["op"] == "layer_fwd_bwd"]
+    for k, key in enumerate(dict.fromkeys((r["format"], r["method"], tuple(r["shape"]), r["threads"]) for r in lay)):
+        pts = [r for r in lay if (r["format"], r["method"], tuple(r["shape"]), r["threads"]) == key]
+        ax.plot([r["tokens"] for r in pts], [r["ms"] for r in pts], "o-", color=f"C{k % 10}",
+                label=f"{key[0]}/{key[1]} {key[2][0]}x{key[2][1]} {key[3]}thr", lw=1)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("LoRA layer fwd+bwd ms")
+    ax.set_title("LoRA layer forward+backward")
+    ax.legend(fontsize=5, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -266,48 +357,91 @@ def _device_label(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--dtypes", default=None, help="comma list; default: bfloat16 on GPU, float32,bfloat16 on CPU")
+    ap.add_argument("--threads", default="1,2", help="comma list of torch CPU thread counts (CPU only)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of: {', '.join(FORMATS)}")
+    ap.add_argument("--shapes", default=None, help="comma list of OUTxIN for materialize (default per device)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved rounds per measurement")
+    ap.add_argument("--no-layer", action="store_true", help="skip the LoRA layer forward+backward")
+    ap.add_argument("--quick", action="store_true", help="one small shape, 2 rounds (smoke test)")
     ap.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth; default: measured with a large copy")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--quick", action="store_true", help="one shape, two token counts, short timings")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        ap.error(f"unknown formats {unknown}; choose from {', '.join(FORMATS)}")
+    dtypes = [
+        getattr(torch, d) for d in (args.dtypes or ("bfloat16" if kind == "cuda" else "float32,bfloat16")).split(",")
+    ]
+    threads = [int(t) for t in args.threads.split(",")] if kind == "cpu" else [torch.get_num_threads()]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES[kind]
+    layer_shapes = LAYER_SHAPES[kind]
+    reps = args.reps
+    if args.quick:
+        shapes, layer_shapes, reps = [(256, 512)], [(256, 512)], 2
     bandwidth = args.bandwidth_gbs or measure_bandwidth(device)
     label = _device_label(device)
-    print(f"device {label}, dtype {dtype}, bandwidth {bandwidth:.1f} GB/s, threads {torch.get_num_threads()}")
-    rows = run(device, dtype, bandwidth, args.quick)
-    print_table(rows)
+    print(f"device {label}, bandwidth {bandwidth:.1f} GB/s, threads {threads}, load {os.getloadavg()}")
+    rows: list[dict[str, Any]] = []
+    loads: list[dict[str, Any]] = []
+    started = time.time()
+    for n_threads in threads:
+        if kind == "cpu":
+            torch.set_num_threads(n_threads)
+        for dtype in dtypes:
+            for shape in shapes:
+                load = [round(v, 2) for v in os.getloadavg()]
+                new = materialize_rows(shape, n_threads, dtype, device, bandwidth, formats, reps)  # type: ignore[arg-type]
+                for r in new:
+                    r["load_average"] = load
+                rows += new
+                loads.append({"section": f"materialize {shape} {n_threads}thr {dtype}", "load_average": load})
+                print_table(new)
+        if not args.no_layer:
+            dtype = dtypes[0]
+            for shape in layer_shapes:
+                load = [round(v, 2) for v in os.getloadavg()]
+                new = layer_rows(shape, n_threads, dtype, device, ["nf4", "optq4-g128"], reps)  # type: ignore[arg-type]
+                for r in new:
+                    r["load_average"] = load
+                rows += new
+                loads.append({"section": f"layer {shape} {n_threads}thr {dtype}", "load_average": load})
+                print_table(new)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": label,
-        "dtype": str(dtype).removeprefix("torch."),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bandwidth_gbs": round(bandwidth, 2),
-        "bandwidth_source": "cli" if args.bandwidth_gbs else "measured copy (read + write)",
-        "threads": torch.get_num_threads(),
-        # Other work on a shared machine inflates the medians; ms_min is the robust figure.
+        "threads": threads,
+        "reps": reps,
+        "seconds": round(time.time() - started, 1),
+        # Other agents share this machine: every method is timed in every round (interleaved),
+        # "ms" is the median over rounds of the best of a few calls, "ms_min" the best round.
+        "load_average": loads,
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
         "versions": _versions(),
         "lora_rank": RANK,
-        "weight": "NF4, blocksize 64, double quantization",
-        "roofline": "materialize: (quantized + dense bytes) / bandwidth; "
-        "layer_fwd_bwd: 2 x quantized bytes / bandwidth",
+        "formats": {k: {"quantizer": v[0], **v[1]} for k, v in FORMATS.items() if k in formats},
+        "roofline": "materialize: (quantized + dense bytes) / measured copy bandwidth",
         "results": rows,
     }
-    json_path = out / f"kernels_{label}.json"
+    suffix = "_quick" if args.quick else ""
+    json_path = out / f"kernels_{label}{suffix}.json"
     json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plot(rows, out / f"kernels_{label}.png", f"lqmod kernels on {label} ({result['dtype']})")
+    plot(rows, json_path.with_suffix(".png"), f"lqmod kernels on {label}")
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
 
 
 def _versions() -> dict[str, str]:
     versions = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "bitsandbytes"):
+    for name in ("triton", "bitsandbytes", "peft"):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
     return versions

@@ -17,6 +17,8 @@ from functools import cache
 import torch
 
 from lqmod.kernels.formats import LutFormat
+from lqmod.kernels.native import available as native_available
+from lqmod.kernels.native import lut_materialize_raw
 from lqmod.types import QuantizedWeight
 from lqmod_optq.quantizer import zero_points
 
@@ -30,6 +32,16 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
     group = in_f if int(cfg["group_size"]) == -1 else int(cfg["group_size"])
     sym = bool(cfg["sym"])
     scales = qweight.tensors["scales"].float()
+    if sym:
+        zeros = None
+    elif scales.device.type == "cpu" and native_available():
+        # The offsets -z * s are themselves a LUT weight: z's packed codes, table -arange, one
+        # scale each; the compiled kernel decodes them without unpacking z to int64 first.
+        zeros = lut_materialize_raw(
+            qweight.tensors["zeros"], bits, tuple(scales.shape), _table(bits, False, scales.device, True), scales, 1
+        )
+    else:
+        zeros = -zero_points(qweight).float() * scales
     return LutFormat(
         shape=(out_f, in_f),
         bits=bits,
@@ -38,13 +50,14 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
         scales=scales,
         group_size=group,
         # 1/group of the weight's size, decoded per call so the kernel reads float offsets.
-        zeros=None if sym else -zero_points(qweight).float() * scales,
+        zeros=zeros,
         g_idx=qweight.tensors.get("g_idx"),
     )
 
 
 @cache
-def _table(bits: int, sym: bool, device: torch.device) -> torch.Tensor:
+def _table(bits: int, sym: bool, device: torch.device, negated: bool = False) -> torch.Tensor:
     # Cached per device: no host-to-device copy in every forward and backward.
     offset = 2 ** (bits - 1) if sym else 0
-    return (torch.arange(2**bits, dtype=torch.float32) - offset).to(device)
+    table = torch.arange(2**bits, dtype=torch.float32) - offset
+    return (-table if negated else table).to(device)

@@ -129,6 +129,58 @@ class KronTransform:
         y = torch.matmul(torch.matmul(self.small.T, y), self.walsh)
         return y.reshape(x.shape)
 
+    def inverse_along(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """:meth:`inverse` along dimension ``dim`` (0 or 1) of a 2-D ``x``, in ``x``'s dtype.
+
+        The Walsh factor runs as a fast Walsh-Hadamard transform, O(n log n), in place in
+        ``x`` (which it overwrites); only the small Paley/random factor is a matmul. The
+        transform is unnormalised here: the caller folds ``1/sqrt(q)`` into a scaling it
+        does anyway (:meth:`walsh_norm`).
+        """
+        p, q = self.small.shape[0], self.walsh.shape[0]
+        rows, cols = x.shape
+        x = x.contiguous()
+        # (pre, p, q, post): the transformed axis split into its Kronecker factors.
+        if dim == 0:
+            view = x.view(1, p, q, cols)
+        elif dim == 1:
+            view = x.view(rows, p, q, 1)
+        else:
+            raise ValueError(f"dim must be 0 or 1, got {dim}")
+        fwht_(view.view(view.shape[0] * p, q, view.shape[3]))
+        if p > 1:
+            small_t = self.small.T.to(x.dtype)
+            # small^T along the p axis: one (p x p) @ (p x rest) matmul per leading index.
+            view = torch.matmul(small_t, view.reshape(view.shape[0], p, q * view.shape[3]))
+            x = view.reshape(rows, cols)
+        return x
+
+    @property
+    def walsh_norm(self) -> float:
+        """The normalisation :meth:`inverse_along` leaves out: ``1 / sqrt(q)``."""
+        return 1.0 / self.walsh.shape[0] ** 0.5
+
+
+def fwht_(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of ``x`` (pre, q, post) along its middle axis, in place.
+
+    Sylvester order: ``H_q x`` with ``H_1 = [1]``, ``H_2k = [[H_k, H_k], [H_k, -H_k]]``;
+    log2(q) butterfly passes, each with a temporary of half of ``x``.
+    """
+    pre, q, post = x.shape
+    if q & (q - 1):
+        raise ValueError(f"Walsh-Hadamard order must be a power of two, got {q}")
+    h = 1
+    while h < q:
+        v = x.view(pre, q // (2 * h), 2, h, post)
+        a, b = v[:, :, 0], v[:, :, 1]
+        tmp = a.clone()
+        a.add_(b)
+        tmp.sub_(b)
+        b.copy_(tmp)
+        h *= 2
+    return x
+
 
 @cache
 def transform(order: int, fallback_seed: int = 0) -> KronTransform:

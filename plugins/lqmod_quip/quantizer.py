@@ -160,28 +160,55 @@ def _transforms(m: int, n: int, seed: int, dev: torch.device) -> tuple[KronTrans
 
 
 @lru_cache(maxsize=8)
+def _grids_as(dev: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per dtype too: the E8P grid is 65536 x 8, a conversion per call would cost more
+    # than the gather.
+    grid, grid1 = _grids(dev)
+    return grid.to(dtype), grid1.to(dtype)
+
+
+@lru_cache(maxsize=8)
 def _grids(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return e8p_grid().to(dev), e8_1bit_grid().to(dev)
 
 
 def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``D_u T_m^T W~ T_n D_v`` with ``W~`` decoded from the codebook(s).
+
+    Works in float64 only for a float64 result, else in float32 (the codebooks' half-integers
+    are exact there). The codebook gather writes straight into the one output-sized buffer,
+    and the Hadamard factors run as fast Walsh-Hadamard transforms in place in it, so no
+    per-call intermediate is larger than the output (the Paley/random factor's matmul, when
+    the order has one, makes one output-sized copy).
+    """
     m, n = qweight.shape
     bits = int(qweight.config["bits"])
     seed = int(qweight.config["seed"])
     t = qweight.tensors
     dev = t["codes"].device
-    sc = t["scales"].double()
-    codes = t["codes"].long() & 0xFFFF  # int16 storage of 16-bit codes
-    grid, grid1 = _grids(dev)
-    wt = grid[codes[0]].reshape(m, n) * sc[0]
-    if bits == 3:
-        wt = wt + grid1[t["resid_codes"].long()].reshape(m, n) * sc[1]
-    elif bits == 4:
-        wt = wt + grid[codes[1]].reshape(m, n) * sc[1]
-    sign_bits = unpack_codes(t["signs"], 1, m + n).to(torch.float64)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    sc = t["scales"].double().tolist()
+    grid, grid1 = _grids_as(dev, work)
+    codes = t["codes"]
+    wt = torch.empty(m, n, dtype=work, device=dev)
+    torch.index_select(grid, 0, codes[0].reshape(-1).int() & 0xFFFF, out=wt.view(-1, 8))
+    wt.mul_(sc[0])
+    if bits in (3, 4):
+        second, table = (t["resid_codes"], grid1) if bits == 3 else (codes[1], grid)
+        # Row chunks bound the second stage's temporary to a slice of the output.
+        step = max(1, (1 << 18) // n)
+        flat = second.reshape(m, -1)
+        for r0 in range(0, m, step):
+            part = table[flat[r0 : r0 + step].reshape(-1).int() & 0xFFFF].mul_(sc[1])
+            wt[r0 : r0 + step].add_(part.view(-1, n))
+    sign_bits = unpack_codes(t["signs"], 1, m + n).to(work)
     signs = 1.0 - 2.0 * sign_bits
     tm, tn = _transforms(m, n, seed, dev)
-    return _from_transformed(wt, signs[:m], signs[m:], tm, tn).to(dtype)
+    wt = tm.inverse_along(wt, 0)
+    wt.mul_((signs[:m] * tm.walsh_norm).unsqueeze(1))
+    wt = tn.inverse_along(wt, 1)
+    wt.mul_((signs[m:] * tn.walsh_norm).unsqueeze(0))
+    return wt if wt.dtype == dtype else wt.to(dtype)
 
 
 def options() -> list[QuipConfig]:

@@ -49,7 +49,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(7, -1, -1, device=flat.device, dtype=torch.int32))
+    weights = 1 << torch.arange(7, -1, -1, device=flat.device, dtype=torch.int32)
     out = (stream.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
     assert out.numel() == packed_nbytes(n, bits)
     return out
@@ -69,7 +69,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         mask = (1 << bits) - 1
         codes = (flat.unsqueeze(1) >> shifts) & mask
         return codes.reshape(-1)[:n].long()
-    positions = torch.arange(7, -1, -1, device=flat.device, dtype=torch.uint8)
-    stream = ((flat.unsqueeze(1) >> positions) & 1).reshape(-1)[: n * bits]
-    weights = 1 << torch.arange(bits - 1, -1, -1, device=flat.device, dtype=torch.int64)
-    return (stream.view(n, bits).long() * weights).sum(dim=1)
+    # Widths that do not divide 8: eight codes fill exactly `bits` bytes, so read the stream
+    # as runs of `bits` bytes, each one big-endian word of 8 codes (at most 56 bits), and
+    # shift the codes out of it. No per-bit intermediate (the old way was 8 bytes per bit).
+    runs = -(-n // 8)
+    raw = flat[: runs * bits]
+    if raw.numel() < runs * bits:
+        raw = torch.cat([raw, raw.new_zeros(runs * bits - raw.numel())])
+    raw = raw.view(runs, bits)
+    word = raw[:, 0].long()
+    for k in range(1, bits):
+        word = (word << 8) | raw[:, k]
+    shifts = torch.arange(7, -1, -1, device=flat.device, dtype=torch.int64) * bits
+    return ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]

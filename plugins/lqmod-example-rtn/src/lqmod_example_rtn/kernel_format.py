@@ -16,6 +16,8 @@ from functools import cache
 import torch
 
 from lqmod.kernels.formats import LutFormat
+from lqmod.kernels.native import available as native_available
+from lqmod.kernels.native import lut_materialize_raw
 from lqmod.packing import unpack_codes
 from lqmod.types import QuantizedWeight
 
@@ -30,7 +32,13 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
     symmetric = bool(cfg["symmetric"])
     scales = qweight.tensors["scales"].float()
     zeros = None
-    if not symmetric:
+    if not symmetric and scales.device.type == "cpu" and native_available():
+        # The offsets -z * s are themselves a LUT weight (z's packed codes, table -arange, one
+        # scale each): the compiled kernel decodes them without unpacking z to int64 first.
+        zeros = lut_materialize_raw(
+            qweight.tensors["zeros"], bits, tuple(scales.shape), _table(bits, False, scales.device, True), scales, 1
+        )
+    elif not symmetric:
         # 1/group of the weight's size, decoded per call, so the kernel reads float offsets.
         points = unpack_codes(qweight.tensors["zeros"], bits, scales.numel()).view_as(scales)
         zeros = -points.float() * scales
@@ -46,7 +54,8 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
 
 
 @cache
-def _table(bits: int, symmetric: bool, device: torch.device) -> torch.Tensor:
+def _table(bits: int, symmetric: bool, device: torch.device, negated: bool = False) -> torch.Tensor:
     # Cached per device: no host-to-device copy in every forward and backward.
     offset = 2 ** (bits - 1) if symmetric else 0
-    return (torch.arange(2**bits, dtype=torch.float32) - offset).to(device)
+    table = torch.arange(2**bits, dtype=torch.float32) - offset
+    return (-table if negated else table).to(device)
