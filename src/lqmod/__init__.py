@@ -9,6 +9,7 @@ import pluggy
 
 hookimpl = pluggy.HookimplMarker("lqmod")
 
+from lqmod._version import lqmod_version  # noqa: E402
 from lqmod.config import ConfigError, InitializerConfig, LoRAConfig, QuantizerConfig, TargetConfig  # noqa: E402
 from lqmod.nn.lora_linear import LoRALinear  # noqa: E402
 from lqmod.plugins import PluginClashError, Registry, UnknownPluginError, get_registry  # noqa: E402
@@ -23,7 +24,8 @@ from lqmod.types import (  # noqa: E402
     QuantizerSpec,
 )
 
-__version__ = "0.1.0"
+# From the installed distribution's metadata (pyproject.toml is the one place it is written).
+__version__ = lqmod_version()
 
 __all__ = [
     "AllocatorSpec",

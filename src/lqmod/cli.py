@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     from lqmod.evaluation.command import register as register_eval
     from lqmod.train.command import register as register_finetune
 
+    from lqmod import __version__
+
     p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
+    p.add_argument("--version", action="version", version=f"lqmod {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("plugins", help="list registered quantizers, initializers, allocators").set_defaults(
@@ -149,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lqmod._quiet import quiet_third_party
+
     args = build_parser().parse_args(argv)
+    # Known third-party import noise is dropped, except where torchao is one of the things
+    # measured (bench). build_parser imports neither transformers nor the Hub (tests/packaging).
+    if args.command != "bench":
+        quiet_third_party()
     try:
         return int(args.func(args))
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["short_label", "write_plots"]
+__all__ = ["png_metadata", "short_label", "write_plots"]
 
 
 def short_label(row: Mapping[str, Any]) -> str:
@@ -32,6 +32,13 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def png_metadata(results: Mapping[str, Any]) -> dict[str, str]:
+    """PNG text chunks naming the lqmod version that produced the numbers (see report.py)."""
+    from lqmod.bench.report import producer_version
+
+    return {"Software": f"lqmod {producer_version(results)}"}
 
 
 def _ok(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -71,7 +78,7 @@ def error_vs_bits(results: Mapping[str, Any], path: Path) -> None:
     axes[0].legend(loc="upper right")
     fig.suptitle(f"{results['model']['name']}: error vs storage cost", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=png_metadata(results))
     plt.close(fig)
 
 
@@ -101,7 +108,7 @@ def fidelity_bars(results: Mapping[str, Any], path: Path) -> None:
     ax.set_title(f"{results['model']['name']}: end-model fidelity (blue: lqmod, orange: baselines)", fontsize=10)
     ax.grid(True, axis="x", which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=png_metadata(results))
     plt.close(fig)
 
 
@@ -126,7 +133,7 @@ def finetune_plot(results: Mapping[str, Any], path: Path) -> None:
     ax2.set_title("activation memory kept for backward", fontsize=9)
     fig.suptitle(f"{results['model']['name']}: LoRA finetuning on the quantized model", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata=png_metadata(results))
     plt.close(fig)
 
 

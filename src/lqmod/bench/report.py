@@ -15,7 +15,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["finetune_table", "markdown_tables", "print_tables", "quant_table", "write_report"]
+__all__ = [
+    "finetune_table",
+    "markdown_tables",
+    "print_tables",
+    "producer_version",
+    "quant_table",
+    "stamp_version",
+    "write_report",
+]
 
 QUANT_COLUMNS = (
     "row",
@@ -119,8 +127,22 @@ def _md(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def producer_version(results: Mapping[str, Any]) -> str:
+    """The lqmod version that produced ``results``: the one recorded in them, else this one."""
+    from lqmod import __version__
+
+    return str(results.get("lqmod_version") or __version__)
+
+
+def stamp_version(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results`` with ``lqmod_version`` first. A version already recorded is kept: rewriting
+    old results (new tables from an old JSON) must not claim this lqmod produced them."""
+    return {"lqmod_version": producer_version(results), **{k: v for k, v in results.items() if k != "lqmod_version"}}
+
+
 def markdown_tables(results: Mapping[str, Any]) -> str:
-    text = _md(QUANT_COLUMNS, quant_table(results))
+    text = f"Results by lqmod {producer_version(results)}.\n\n"
+    text += _md(QUANT_COLUMNS, quant_table(results))
     ft = results.get("finetune")
     if ft:
         text += f"\nFinetuning ({ft['objective']}; memory: {ft['memory_note']})\n\n"
@@ -167,6 +189,7 @@ def _json_default(o: Any) -> Any:
 def write_report(results: Mapping[str, Any], out_dir: Path, *, plots: bool = True) -> dict[str, Path]:
     """Write JSON, Markdown and PNG files; returns the paths by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    results = stamp_version(results)  # every file written below names the lqmod version
     stem = f"bench_{results['model']['name']}"
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     _atomic_write(paths["json"], json.dumps(results, indent=1, default=_json_default, allow_nan=True) + "\n")
