@@ -86,19 +86,25 @@ def _cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lqmod.demo import run_demo
+    from lqmod.hf import resolve_model
 
-    run_demo(steps=args.steps, console=console)
+    if resolve_model(args.model).kind == "encoder":
+        from lqmod.demo import run_demo
+
+        run_demo(model_name=args.model, steps=args.steps or 60, console=console)
+    else:
+        from lqmod.demo_lm import run_lm_demo
+
+        run_lm_demo(model_name=args.model, steps=args.steps or 12, console=console)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lqmod import __version__
     from lqmod.calibration.command import add_quantize_options
     from lqmod.calibration.command import register as register_calibrate
     from lqmod.evaluation.command import register as register_eval
     from lqmod.train.command import register as register_finetune
-
-    from lqmod import __version__
 
     p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
     p.add_argument("--version", action="version", version=f"lqmod {__version__}")
@@ -132,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_export_peft)
 
-    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 to NF4, finetune LoRA, compare")
-    d.add_argument("--steps", type=int, default=60)
+    d = sub.add_parser("demo", help="quantize a real model, finetune LoRA, compare with full precision")
+    d.add_argument("--model", default="smollm2",
+                   help="smollm2 (causal LM: 3-bit NF, perplexity) or minilm (encoder: NF4, embedding fidelity)")
+    d.add_argument("--steps", type=int, default=None, help="finetuning steps (default: 12 for smollm2, 60 for minilm)")
     d.set_defaults(func=_cmd_demo)
 
     try:

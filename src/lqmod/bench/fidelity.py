@@ -16,9 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from lqmod.bench.metrics import perplexity_from_nll
 
 __all__ = [
     "encode_batches",
@@ -84,17 +81,12 @@ def sentence_embeddings(
     return torch.cat(embs)
 
 
-@torch.inference_mode()
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, progress: bool = False) -> float:
-    """exp(mean next-token NLL) over (n, ctx) windows, each scored on its last ctx-1 tokens."""
-    total, count = 0.0, 0
-    starts = range(0, windows.shape[0], batch_size)
-    for i in tqdm(starts, desc="perplexity", unit="batch", disable=not progress, leave=False):
-        x = windows[i : i + batch_size]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += x[:, 1:].numel()
-    return perplexity_from_nll(total, count)
+    """exp(mean next-token NLL) over (n, ctx) windows, each scored on its last ctx-1 tokens.
+
+    The same scoring as ``lqmod eval`` and the training loop's held-out loss
+    (:func:`lqmod.evaluation.windows_loss`).
+    """
+    from lqmod.evaluation import windows_loss
+
+    return windows_loss(model, windows, windows, batch_size=batch_size).ppl
