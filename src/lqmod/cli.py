@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lqmod.config import ConfigError
+from lqmod.plugins import PluginClashError
 
 __all__ = ["main", "parse_kv"]
 
@@ -50,19 +51,35 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lqmod.calibration.command import quantize_with_calibration
-    from lqmod.config import LoRAConfig, TargetConfig
+    from lqmod.config import LoRAConfig, TargetConfig, validate_config
     from lqmod.hf import load_local_model
     from lqmod.io import save_checkpoint
     from lqmod.plugins import get_registry
     from lqmod.quantize import resolve_config
 
-    # Names and values are checked before the (slow) model load.
+    # Everything that can be checked is checked before the (slow) model load and quantization:
+    # the output target first, so no work is done only to be refused at the end.
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
     if not args.plan:
         resolve_config(get_registry().quantizer(args.quantizer), parse_kv(args.config))
     plan = json.loads(Path(args.plan).read_text()) if args.plan else None
-    lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha else 2 * args.rank)
-    targets = TargetConfig(**({"include": tuple(args.include)} if args.include else {}),
-                           **({"exclude": tuple(args.exclude)} if args.exclude else {}))
+    if args.rank < 1:
+        raise ConfigError(f"--rank {args.rank}: the LoRA rank must be a positive integer, e.g. --rank 8")
+    if args.alpha is not None and not args.alpha > 0:  # also refuses nan
+        raise ConfigError(
+            f"--alpha {args.alpha:g}: alpha must be a positive number (the adapter update is scaled by "
+            "alpha / rank, so 0 would switch it off); omit --alpha for the default 2 x rank"
+        )
+    alpha = 2.0 * args.rank if args.alpha is None else args.alpha
+    lora = validate_config(LoRAConfig, {"r": args.rank, "alpha": alpha}, what="--rank/--alpha")
+    targets = validate_config(
+        TargetConfig,
+        {**({"include": tuple(args.include)} if args.include else {}),
+         **({"exclude": tuple(args.exclude)} if args.exclude else {})},
+        what="--include/--exclude",
+    )
     model, tokenizer, where = load_local_model(args.model)
     # Statistics are computed only when a chosen quantizer needs them (or --sequential asks).
     report = quantize_with_calibration(
@@ -159,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from lqmod.config import format_validation_error
+
+        return format_validation_error(exc)
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lqmod._quiet import quiet_third_party
 
@@ -169,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_third_party()
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-        # User errors get one clear line, not a traceback.
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError, PluginClashError) as exc:
+        # User errors get one clear line, not a traceback (nor pydantic's multi-line report).
+        console.print(f"[red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
         return 2
 
 
