@@ -84,6 +84,7 @@ def quantize_one(
     layer = QuantizedLinear(
         qweight.to(weight.device), spec, None if bias is None else bias.detach(), compute_dtype=weight.dtype
     )
+    layer.origin = "linear" if isinstance(module, nn.Linear) else "conv1d"
     with torch.no_grad():
         deq = spec.materialize(qweight, torch.float32)
         err = float((deq - weight.float()).norm() / weight.float().norm().clamp(min=1e-30))
@@ -149,4 +150,6 @@ def to_quantized_linears(model: nn.Module) -> list[str]:
 def _from_lora(layer: LoRALinear) -> QuantizedLinear:
     spec = get_registry().quantizer(layer.quantizer)
     bias = None if layer.bias is None else layer.bias.detach()
-    return QuantizedLinear(layer.qweight, spec, bias, compute_dtype=layer.lora_A.dtype)
+    out = QuantizedLinear(layer.qweight, spec, bias, compute_dtype=layer.lora_A.dtype)
+    out.origin = layer.origin
+    return out

@@ -60,6 +60,9 @@ class QuantizedLinear(nn.Module):
         self.compute_dtype = compute_dtype or qweight.dtype
         self.materialize_in_backward = materialize_in_backward
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # "conv1d" when this layer replaced a transformers Conv1D ((in, out) weight layout), so
+        # dense exports rebuild the original module type.
+        self.origin = "linear"
         self._backend: KernelBackend | None = None
         self._backend_device: torch.device | None = None
 
@@ -116,13 +119,35 @@ class QuantizedLinear(nn.Module):
         """A new layer holding ``weight`` quantized with this layer's quantizer and config."""
         qweight = quantize_weight(self._spec, weight.detach(), self.qweight.config, stats)
         bias = None if self.bias is None else self.bias.detach()
-        return type(self)(
+        layer = type(self)(
             qweight.to(self.device),
             self._spec,
             bias,
             compute_dtype=self.compute_dtype,
             materialize_in_backward=self.materialize_in_backward,
         )
+        layer.origin = self.origin
+        return layer
+
+    def to_dense(self, dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> nn.Module:
+        """A plain ``nn.Linear`` (or transformers ``Conv1D``, if this layer replaced one) holding
+        ``weight`` (default: this layer's materialized weight) in ``dtype``: what plain
+        transformers loads."""
+        dtype = dtype or self.compute_dtype
+        w = (self.dequantize(torch.float32) if weight is None else weight.detach()).to(dtype)
+        bias = None if self.bias is None else self.bias.detach().to(dtype)
+        if self.origin == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            conv = Conv1D(self.out_features, self.in_features)
+            conv.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+            conv.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype) if bias is None else bias)
+            return conv.to(w.device)
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias, requires_grad=False)
+        return lin
 
     # -- forward ----------------------------------------------------------------------------
 
