@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,3 +98,24 @@ def quantized_pair(quantizer: str, *, layers: int = 1, seed: int = 0) -> tuple[n
             assert isinstance(layer, QuantizedLinear)
             dense.get_submodule(name).weight.copy_(layer.dequantize(torch.float32))
     return model, dense
+
+
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from", "that", "this", "it", "be", "are", "were", "an", "or", "which", "his", "her", "their", "city", "river", "music", "film", "team", "game", "year", "house", "king", "war", "world", "school", "church", "station", "road", "people", "water", "light", "small", "large", "early", "late", "first", "second", "new", "old", "great", "long", "high", "north", "south", "east", "west", "played", "built", "wrote", "opened", "moved", "called", "became", "made", "took", "gave", "found", "said", "held", "won", "lost", "began", "ended"]
+
+
+def save_word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer over WORDS (ids < 101, the tiny models' vocabulary), and a text file of
+    sentences in it: calibration text a tiny model can read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    assert len(vocab) <= 101
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (12,), generator=g)) for _ in range(40)]
+    text = path / "calibration.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return text

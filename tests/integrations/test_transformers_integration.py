@@ -112,3 +112,49 @@ def test_bad_configs_fail_when_made() -> None:
         LqmodConfig(quantizer="nf", config={"bits": 5})
     with pytest.raises(ValueError, match="unknown field"):
         LqmodConfig(quantizer="nf", colour="red")
+
+
+def test_calibration_text_on_load_matches_calibrating_by_hand(dense_dir: Path, tmp_path: Path) -> None:
+    """OPTQ needs Hessians: named calibration text is read with the model's tokenizer, the model
+    loads dense, and the layers are quantized on Hessians of that text before loading returns."""
+    from integ_helpers import save_word_tokenizer
+
+    from lqmod.calibration import collect_hessians, token_windows
+
+    text = save_word_tokenizer(dense_dir)
+    cal = {"text": str(text), "n": 4, "length": 16}
+    cfg = {"group_size": 32}
+    model = AutoModel.from_pretrained(
+        dense_dir, quantization_config=LqmodConfig(quantizer="optq", config=cfg, calibration=cal)
+    )
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+
+    reference = AutoModel.from_pretrained(dense_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(dense_dir)
+    paragraphs = [ln for ln in text.read_text().splitlines() if ln.strip()]
+    batches = token_windows(tokenizer, "\n\n".join(paragraphs), n=4, length=16)
+    names = list(resolve_entries(reference, "optq", None))
+    quantize_linears(reference, "optq", cfg, stats=collect_hessians(reference, names, batches, progress=False))
+    ref_tensors, got = quantized_tensors(reference), quantized_tensors(model)
+    assert ref_tensors.keys() == got.keys()
+    for name in got:
+        assert torch.equal(got[name], ref_tensors[name]), name
+
+    before = logits(model)
+    model.save_pretrained(tmp_path / "q")
+    torch.testing.assert_close(logits(AutoModel.from_pretrained(tmp_path / "q")), before, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sequential_calibration_on_load(dense_dir: Path) -> None:
+    from integ_helpers import save_word_tokenizer
+
+    text = save_word_tokenizer(dense_dir)
+    cal = {"text": str(text), "n": 4, "length": 16, "sequential": True}
+    model = AutoModel.from_pretrained(
+        dense_dir, quantization_config=LqmodConfig(quantizer="optq", config={"group_size": 32}, calibration=cal)
+    )
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14 and {m.quantizer for m in layers} == {"optq"}
+    assert not any(hasattr(m, "lora_A") for m in model.modules())
+    assert torch.isfinite(logits(model)).all()

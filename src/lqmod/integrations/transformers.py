@@ -105,6 +105,12 @@ class LqmodConfig(QuantizationConfigMixin):
       ``lqmod plan``), instead of ``quantizer``/``config``/``targets``;
     * ``modules_to_not_convert``: module names (or name prefixes) never quantized, besides
       the ones transformers keeps (tied and output embeddings);
+    * ``calibration``: for quantizers that need statistics (OPTQ's and QuIP#'s Hessians, a
+      Fisher for ``lq-fisher``): ``{"text": "wikitext2" | "ptb" | a UTF-8 file, "n": 16,
+      "length": 256, "sequential": False, "tokenizer": None}``. The model then loads dense,
+      the statistics are taken on ``n`` windows of ``length`` tokens (``sequential``:
+      block by block on already quantized inputs, GPTQ style), and the layers are quantized
+      before ``from_pretrained`` returns. ``tokenizer`` defaults to the model's directory;
     * ``layers``: filled in after quantization (the per-layer records that let a saved
       directory reload); leave it ``None``.
     """
@@ -117,6 +123,7 @@ class LqmodConfig(QuantizationConfigMixin):
         targets: Mapping[str, Any] | None = None,
         plan: Mapping[str, Any] | None = None,
         modules_to_not_convert: list[str] | None = None,
+        calibration: Mapping[str, Any] | None = None,
         layers: Mapping[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -125,7 +132,7 @@ class LqmodConfig(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(
                 f"LqmodConfig got unknown field(s) {sorted(kwargs)}; accepted: quantizer, config, targets, plan, "
-                "modules_to_not_convert, layers"
+                "modules_to_not_convert, calibration, layers"
             )
         if int(format_version) > FORMAT_VERSION:
             raise ValueError(
@@ -139,6 +146,7 @@ class LqmodConfig(QuantizationConfigMixin):
         self.targets = None if targets is None else {k: list(v) for k, v in dict(targets).items()}
         self.plan = None if plan is None else _plan_dict(plan)
         self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.calibration = None if calibration is None else _calibration(calibration)
         self.layers = None if layers is None else dict(layers)
         if self.plan is None and self.quantizer is None and self.layers is None:
             raise ValueError("LqmodConfig needs a quantizer name or a plan")
@@ -161,6 +169,25 @@ class LqmodConfig(QuantizationConfigMixin):
     @property
     def is_prequantized(self) -> bool:
         return self.layers is not None
+
+
+CALIBRATION_DEFAULTS: dict[str, Any] = {"text": None, "n": 16, "length": 256, "sequential": False, "tokenizer": None}
+
+
+def _calibration(cal: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(cal) - set(CALIBRATION_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"LqmodConfig calibration got unknown field(s) {unknown}; accepted: {', '.join(CALIBRATION_DEFAULTS)}"
+        )
+    out = {**CALIBRATION_DEFAULTS, **dict(cal)}
+    if not out["text"]:
+        raise ValueError("LqmodConfig calibration needs 'text': 'wikitext2', 'ptb' or the path of a UTF-8 file")
+    if int(out["n"]) < 1 or int(out["length"]) < 2:
+        raise ValueError(
+            f"LqmodConfig calibration needs n >= 1 and length >= 2, got n={out['n']} length={out['length']}"
+        )
+    return out
 
 
 def _plan_dict(plan: Mapping[str, Any] | Plan) -> dict[str, Any]:
@@ -186,6 +213,8 @@ class LqmodHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.entries: dict[str, PlanEntry] = {}
         self.report = QuantizeReport()
+        # With calibration the weights load dense and are quantized after loading.
+        self.deferred = False
 
     # -- what transformers asks -------------------------------------------------------------
 
@@ -208,7 +237,7 @@ class LqmodHfQuantizer(HfQuantizer):
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
         module_name, _, param = param_name.rpartition(".")
-        return not self.pre_quantized and param == "weight" and module_name in self.entries
+        return not self.pre_quantized and not self.deferred and param == "weight" and module_name in self.entries
 
     def get_quantize_ops(self) -> Any:
         return _QuantizeOnLoad(self)
@@ -229,12 +258,14 @@ class LqmodHfQuantizer(HfQuantizer):
             entries = {n: e for n, e in entries.items() if not _skipped(n, skip)}
         registry = get_registry()
         needing = sorted({e.quantizer for e in entries.values() if registry.quantizer(e.quantizer).needs})
-        if needing:
+        if needing and cfg.calibration is None:
             raise ValueError(
                 f"quantizer(s) {needing} need calibration statistics, which weight-by-weight loading cannot "
-                "provide: load the model dense, compute statistics with lqmod.calibration, then call "
+                "provide: name calibration text (LqmodConfig(..., calibration={'text': 'wikitext2', 'n': 16})), "
+                "or load the model dense, compute statistics with lqmod.calibration and call "
                 "lqmod.integrations.transformers.quantize_model(model, LqmodConfig(...), stats=...)"
             )
+        self.deferred = cfg.calibration is not None
         for name, entry in entries.items():
             spec = registry.quantizer(entry.quantizer)
             validate_config(spec.config_model, entry.config, what=f"{entry.quantizer} config for {name}")
@@ -277,6 +308,8 @@ class LqmodHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, QuantizedLinear) and module.bias is not None:
                 module.bias.requires_grad_(False)
+        if self.deferred:
+            self.report = _calibrate_and_quantize(model, self.quantization_config, self.entries)
         if not self.pre_quantized:
             left = [n for n in self.entries if not isinstance(model.get_submodule(n), QuantizedLinear)]
             if left:
@@ -338,18 +371,83 @@ class _QuantizeOnLoad(ConversionOps):
         return out
 
 
+def _model_kind(model: Any) -> str:
+    get_out = getattr(model, "get_output_embeddings", None)
+    return "causal-lm" if callable(get_out) and get_out() is not None else "encoder"
+
+
+def _calibration_batches(model: Any, cal: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+    from transformers import AutoTokenizer
+
+    from lqmod.calibration.text import calibration_batches
+
+    where = cal.get("tokenizer") or getattr(model.config, "name_or_path", None)
+    if not where:
+        raise ValueError(
+            "LqmodConfig calibration: the model has no directory to read a tokenizer from; set 'tokenizer'"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    batches = calibration_batches(
+        tokenizer, _model_kind(model), str(cal["text"]), int(cal["n"]), length=int(cal["length"])
+    )
+    device = next(model.parameters()).device
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+
+def _calibrate_and_quantize(
+    model: Any,
+    cfg: LqmodConfig,
+    entries: Mapping[str, PlanEntry],
+    batches: list[dict[str, torch.Tensor]] | None = None,
+    stats: Mapping[str, LayerStats] | None = None,
+) -> QuantizeReport:
+    """Statistics on calibration batches for the layers whose quantizer needs them, then quantization."""
+    from lqmod.calibration import collect_hessians, diagonal_fisher, fisher_stats, quantize_model_sequential
+    from lqmod.integrations.base import to_quantized_linears
+
+    if batches is None:
+        assert cfg.calibration is not None
+        batches = _calibration_batches(model, cfg.calibration)
+    registry = get_registry()
+    needs = {n: registry.quantizer(e.quantizer).needs for n, e in entries.items()}
+    given = dict(stats or {})
+    fisher_names = [n for n, nd in needs.items() if "fisher" in nd and getattr(given.get(n), "fisher", None) is None]
+    if fisher_names:
+        given = fisher_stats(diagonal_fisher(model, fisher_names, batches, progress=False), given)
+    plan = {"modules": {n: e.model_dump(mode="json") for n, e in entries.items()}}
+    if cfg.calibration is not None and cfg.calibration.get("sequential"):
+        # lqmod's GPTQ-style driver attaches LoRA adapters at their initial value (B = 0);
+        # they are dropped right after, leaving the quantized bases.
+        report = quantize_model_sequential(
+            model, plan=plan, batches=batches, lora={"r": 1}, stats=given, progress=False
+        )
+        to_quantized_linears(model)
+        return report
+    hessian_names = [n for n, nd in needs.items() if "hessian" in nd and getattr(given.get(n), "hessian", None) is None]
+    if hessian_names:
+        for name, st in collect_hessians(model, hessian_names, batches, progress=False).items():
+            old = given.get(name)
+            given[name] = st if old is None else LayerStats(
+                hessian=st.hessian, n_tokens=st.n_tokens, fisher=old.fisher, act_absmean=st.act_absmean
+            )
+    return quantize_linears(model, None, None, plan=plan, stats=given)
+
+
 def quantize_model(
     model: Any,
     quantization_config: LqmodConfig,
     *,
     stats: Mapping[str, LayerStats] | None = None,
+    batches: list[dict[str, torch.Tensor]] | None = None,
     progress: bool = False,
 ) -> QuantizeReport:
     """Apply ``quantization_config`` to an already loaded transformers model, in place.
 
     The route for quantizers that need calibration statistics (``stats``: module name ->
-    :class:`~lqmod.types.LayerStats`, e.g. from ``lqmod.calibration.collect_hessians``), and
-    for models loaded another way (a GGUF file, which transformers will not combine with a
+    :class:`~lqmod.types.LayerStats`, e.g. from ``lqmod.calibration.collect_hessians``; or
+    ``batches``, forward-call keyword arguments the missing statistics are computed on; or
+    the config's ``calibration`` text, read with the model's tokenizer), and for models
+    loaded another way (a GGUF file, which transformers will not combine with a
     quantization config). The model then saves with ``save_pretrained`` and reloads with
     ``from_pretrained`` exactly as if it had been quantized on load.
     """
@@ -364,8 +462,14 @@ def quantize_model(
     entries = resolve_entries(model, cfg.quantizer, cfg.config, targets=cfg.targets, plan=cfg.plan)
     if cfg.plan is None:
         entries = {n: e for n, e in entries.items() if not _skipped(n, skip)}
-    plan = {"modules": {n: e.model_dump(mode="json") for n, e in entries.items()}}
-    report = quantize_linears(model, None, None, plan=plan, stats=stats, progress=progress)
+    registry = get_registry()
+    if batches is not None or (cfg.calibration is not None and any(
+        registry.quantizer(e.quantizer).needs for e in entries.values()
+    )):
+        report = _calibrate_and_quantize(model, cfg, entries, batches, stats)
+    else:
+        plan = {"modules": {n: e.model_dump(mode="json") for n, e in entries.items()}}
+        report = quantize_linears(model, None, None, plan=plan, stats=stats, progress=progress)
     attach_quantizer(model, cfg).report = report
     return report
 
