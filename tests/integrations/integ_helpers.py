@@ -100,7 +100,14 @@ def quantized_pair(quantizer: str, *, layers: int = 1, seed: int = 0) -> tuple[n
     return model, dense
 
 
-WORDS = ["the", "a", "of", "to", "and", "in", "is", "was", "for", "on", "with", "as", "by", "at", "from", "that", "this", "it", "be", "are", "were", "an", "or", "which", "his", "her", "their", "city", "river", "music", "film", "team", "game", "year", "house", "king", "war", "world", "school", "church", "station", "road", "people", "water", "light", "small", "large", "early", "late", "first", "second", "new", "old", "great", "long", "high", "north", "south", "east", "west", "played", "built", "wrote", "opened", "moved", "called", "became", "made", "took", "gave", "found", "said", "held", "won", "lost", "began", "ended"]
+WORDS = (
+    'the', 'a', 'of', 'to', 'and', 'in', 'is', 'was', 'for', 'on', 'with', 'as', 'by', 'at', 'from', 'that',
+    'this', 'it', 'be', 'are', 'were', 'an', 'or', 'which', 'his', 'her', 'their', 'city', 'river', 'music',
+    'film', 'team', 'game', 'year', 'house', 'king', 'war', 'world', 'school', 'church', 'station', 'road',
+    'people', 'water', 'light', 'small', 'large', 'early', 'late', 'first', 'second', 'new', 'old', 'great',
+    'long', 'high', 'north', 'south', 'east', 'west', 'played', 'built', 'wrote', 'opened', 'moved', 'called',
+    'became', 'made', 'took', 'gave', 'found', 'said', 'held', 'won', 'lost', 'began', 'ended',
+)
 
 
 def save_word_tokenizer(path: Path) -> Path:
