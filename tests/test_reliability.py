@@ -243,6 +243,7 @@ def _hidden(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_a_save_killed_while_writing_leaves_nothing_after_the_next_save(tmp_path: Path) -> None:
     target = tmp_path / "c"
     _run_killed("during-write", target, tmp_path)
@@ -252,6 +253,7 @@ def test_a_save_killed_while_writing_leaves_nothing_after_the_next_save(tmp_path
     assert _hidden(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_an_overwrite_killed_between_its_renames_is_finished_by_the_next_load(tmp_path: Path) -> None:
     target = tmp_path / "c"
     lio.save_checkpoint(_quantized(), target, extra={"run": "old"})

@@ -579,7 +579,7 @@ def load_checkpoint(
         try:
             qweight = QuantizedWeight.from_header(header, {k: stored[f"{prefix}base.{k}"] for k in names})
             # The quantizer itself checks that the tensors are what its config describes.
-            validate_qweight(spec, qweight, name=what)
+            qweight = validate_qweight(spec, qweight, name=what)
             if verify:
                 with torch.no_grad():
                     check_materialized(spec, qweight, spec.materialize(qweight, torch.float32), name=what)

@@ -8,6 +8,8 @@ guarantees for free.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,14 +94,17 @@ def check_materialized(spec: QuantizerSpec, qweight: QuantizedWeight, dense: tor
         )
 
 
-def validate_qweight(spec: QuantizerSpec, qweight: QuantizedWeight, *, name: str = "weight") -> QuantizerConfig:
-    """Check a weight read back from storage against its quantizer and config; return the config.
+def validate_qweight(spec: QuantizerSpec, qweight: QuantizedWeight, *, name: str = "weight") -> QuantizedWeight:
+    """Check a weight read back from storage against its quantizer and config.
 
-    Three checks, the first failing one raising :class:`QuantizationError` naming ``name``:
-    the stored config validates against ``spec.config_model``; the quantizer's own
-    ``validate`` hook accepts the tensors; and the stored bits equal
-    ``spec.bits_per_param(config, shape)`` (every quantizer states its exact cost), so a
-    config edited to another width is caught even for a quantizer without ``validate``.
+    Returns the weight with its config in complete, canonical JSON form (the validated
+    config's dump: a key left out is its default, ``"4"`` is ``4``), because ``materialize``
+    reads that dict and must see exactly what was validated. Three checks, the first failing
+    one raising :class:`QuantizationError` naming ``name``: the stored config validates
+    against ``spec.config_model``; the quantizer's own ``validate`` hook accepts the tensors;
+    and the stored bits equal ``spec.bits_per_param(config, shape)`` (every quantizer states
+    its exact cost), so a config edited to another width is caught even for a quantizer
+    without ``validate``.
     """
     if qweight.quantizer != spec.name:
         raise QuantizationError(f"{name}: weight of quantizer {qweight.quantizer!r} given to {spec.name!r}")
@@ -107,22 +112,23 @@ def validate_qweight(spec: QuantizerSpec, qweight: QuantizedWeight, *, name: str
         cfg = resolve_config(spec, qweight.config)
     except ConfigError as exc:
         raise QuantizationError(f"{name}: stored config is invalid: {exc}") from None
+    canonical = dataclasses.replace(qweight, config=json.loads(json.dumps(cfg.model_dump(mode="json"))))
     if spec.validate is not None:
         try:
-            spec.validate(qweight, cfg)
+            spec.validate(canonical, cfg)
         except Exception as exc:  # any failure of the hook means "this weight cannot be trusted"
-            raise QuantizationError(f"{name}: {exc}") from None
+            raise QuantizationError(f"{name}: {' '.join(str(exc).split())}") from None
     try:
-        expected = spec.bits_per_param(cfg, qweight.shape)
+        expected = spec.bits_per_param(cfg, canonical.shape)
     except QuantizationError as exc:
-        raise QuantizationError(f"{name}: stored config does not fit shape {qweight.shape}: {exc}") from None
-    actual = qweight.bits_per_param()
+        raise QuantizationError(f"{name}: stored config does not fit shape {canonical.shape}: {exc}") from None
+    actual = canonical.bits_per_param()
     if expected != actual:
         raise QuantizationError(
-            f"{name}: stored tensors take {actual:.6g} bits/param but {spec.name} config {qweight.config} "
+            f"{name}: stored tensors take {actual:.6g} bits/param but {spec.name} config {canonical.config} "
             f"implies {expected:.6g}: the config does not describe these tensors"
         )
-    return cfg
+    return canonical
 
 
 def check_weight(weight: torch.Tensor, *, name: str = "weight") -> None:
