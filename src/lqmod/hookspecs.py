@@ -3,8 +3,13 @@
 All hooks are *registration* hooks: they take no arguments and return an iterable of frozen
 spec objects. They are called once, when the registry is built; the quantize/materialize
 hot path then holds the returned callables directly and never goes back through pluggy.
-None of them is ``firstresult`` or ``historic``: every plug-in's registrations are collected,
-and a name registered twice is an error naming both distributions.
+None of them is ``firstresult`` or ``historic``: every plug-in's registrations are collected.
+A name registered twice is dropped and reported, and using it is an error naming both
+distributions. A hook that raises, or yields anything but its spec type, is reported and
+that plug-in's registrations of the kind skipped; a ``@lqmod.hookimpl`` function whose name
+is not one of the hooks below (a misspelling) makes the plug-in fail to load, with the
+closest hook name suggested. ``LQMOD_DISABLE_PLUGINS=name,...`` skips plug-ins by
+entry-point or distribution name.
 
 A plug-in is a module (or object) with functions marked ``@lqmod.hookimpl``, announced in
 its distribution's ``pyproject.toml``::
@@ -30,12 +35,20 @@ hookspec = pluggy.HookspecMarker("lqmod")
 def lqmod_quantizers() -> Iterable[QuantizerSpec]:  # type: ignore[empty-body]
     """Register quantizers.
 
+    Every :class:`~lqmod.types.QuantizerSpec` should declare ``validate(qweight, config)``:
+    the core calls it on every weight loaded from a checkpoint and refuses the checkpoint,
+    naming the layer, when it raises (see :func:`lqmod.types.check_tensor_layout`). In
+    ``materialize``, ``qweight.config`` is a plain dict (JSON data); ``quantize``,
+    ``bits_per_param`` and ``validate`` get the validated config model instance.
+    ``bits_per_param`` raises :class:`lqmod.QuantizationError` for an option that does not
+    fit a shape, and allocators skip it.
+
     Example (a complete plug-in quantizing to sign bits with one scale per row)::
 
         import torch
         import lqmod
         from lqmod.config import QuantizerConfig
-        from lqmod.types import QuantizedWeight, QuantizerSpec
+        from lqmod.types import QuantizedWeight, QuantizerSpec, check_tensor_layout
 
         class SignConfig(QuantizerConfig):
             pass
@@ -50,10 +63,16 @@ def lqmod_quantizers() -> Iterable[QuantizerSpec]:  # type: ignore[empty-body]
             t = qw.tensors
             return ((t["signs"].to(dtype) * 2 - 1) * t["scale"].to(dtype))
 
+        def validate(qw, cfg):
+            out_f, in_f = qw.shape
+            check_tensor_layout(qw, {"signs": ((out_f, in_f), torch.uint8),
+                                     "scale": ((out_f, 1), torch.float32)})
+
         @lqmod.hookimpl
         def lqmod_quantizers():
             yield QuantizerSpec("sign", SignConfig, quantize, materialize,
-                                bits_per_param=lambda cfg, shape: 8 + 32 / shape[1])
+                                bits_per_param=lambda cfg, shape: 8 + 32 / shape[1],
+                                validate=validate, description="sign bits, one scale per row")
     """
 
 
