@@ -173,6 +173,21 @@ def test_clash_with_a_builtin_names_the_builtin_plugin(site: FakeSite) -> None:
     assert {r["name"] for r in registry.describe()} >= {"rtn", "optq", "default"}
 
 
+def test_lqmod_plugins_still_works_with_a_clash(
+    site: FakeSite, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lqmod.plugins
+    from lqmod.cli import main
+
+    site.add("nf-impostor", "nf_impostor_plugin", QUANTIZER_PLUGIN.format(name="nf"))
+    # The command builds the process-wide registry; the original comes back after the test.
+    monkeypatch.setattr(lqmod.plugins, "_default", None)
+    with pytest.warns(RuntimeWarning, match="registered twice"):
+        assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "rtn" in out and "optq" in out and "registered twice" in out
+
+
 def test_a_clash_is_resolved_by_disabling_one_plugin(site: FakeSite, monkeypatch: pytest.MonkeyPatch) -> None:
     site.add("nf-impostor", "nf_impostor_plugin", QUANTIZER_PLUGIN.format(name="nf"))
     monkeypatch.setenv(DISABLE_ENV, "nf-impostor")  # by distribution name

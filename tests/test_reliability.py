@@ -105,6 +105,41 @@ def test_a_consistently_edited_config_is_refused_by_the_quantizer(
         lio.load_checkpoint(tmp_path / "c", model=_tiny())
 
 
+def _stats() -> dict[str, lqmod.LayerStats]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 64, generator=g, dtype=torch.float64)
+    return {n: lqmod.LayerStats(hessian=x.T @ x, n_tokens=256) for n in ("0", "2")}
+
+
+@pytest.mark.parametrize(
+    ("quantizer", "config", "edit", "value"),
+    [
+        ("nf", {"bits": 4, "blocksize": 32}, ["bits"], 3),
+        ("optq", {"bits": 4, "group_size": 32}, ["bits"], 3),
+        ("optq", {"bits": 4, "group_size": 32}, ["group_size"], 64),
+        ("optq", {"bits": 4, "group_size": 32, "sym": False}, ["sym"], True),
+        ("quip", {"bits": 2}, ["bits"], 4),
+        ("rtn", {"bits": 4, "group_size": 32}, ["bits"], 5),
+        ("rtn", {"bits": 4, "group_size": 32}, ["scale_dtype"], "float32"),
+        ("lq", {"rank": 4, "max_iters": 2}, ["base_config", "bits"], 2),
+        ("lq", {"rank": 4, "max_iters": 2}, ["rank"], 3),
+        ("lq", {"rank": 4, "max_iters": 2}, ["factor_dtype"], "bf16"),
+    ],
+)
+def test_every_builtin_validate_hook_refuses_an_edited_config(
+    quantizer: str, config: dict[str, Any], edit: list[str], value: Any, tmp_path: Path
+) -> None:
+    model = _tiny()
+    quantize_model(model, quantizer, config, lora={"r": 2}, stats=_stats(), progress=False)
+    lio.save_checkpoint(model, tmp_path / "c")
+    assert isinstance(lio.load_checkpoint(tmp_path / "c", model=_tiny())[0], lqmod.LoRALinear)
+    _edit(tmp_path / "c", _set(["layers", "2", "config", *edit], value), resign=True)
+    spec = lqmod.get_registry().quantizer(quantizer)
+    assert spec.validate is not None
+    with pytest.raises(lio.CheckpointError, match=r"layer '2'.*(does not match its config|bits/param)"):
+        lio.load_checkpoint(tmp_path / "c", model=_tiny())
+
+
 def test_any_other_manifest_edit_is_refused(tmp_path: Path) -> None:
     lio.save_checkpoint(_quantized(), tmp_path / "c")
     _edit(tmp_path / "c", _set(["lora", "alpha"], 1000.0), resign=False)
@@ -395,6 +430,17 @@ def test_bad_quantize_options_are_one_line(
     assert code == 2
     assert expected in out and "\n" not in out, out
     assert fake_model["load"] == 0
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "0"), ("--lr", "nan")])
+def test_bad_finetune_options_are_one_line(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lio.save_checkpoint(_quantized(), tmp_path / "c")
+    code, out = _cli(["finetune", str(tmp_path / "c"), "--base", "minilm", flag, value,
+                      "--out", str(tmp_path / "ft")], capsys)
+    assert code == 2 and "\n" not in out, out
+    assert f"field {flag.removeprefix('--')!r} = " in out
 
 
 def test_a_pydantic_error_from_any_command_is_one_line(
