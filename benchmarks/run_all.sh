@@ -40,4 +40,12 @@ LQ="lq:rank=4;lq-fisher:rank=4"
   --quantizers "nf:bits=4,blocksize=64,double_quant=false;nf:bits=3,blocksize=64,double_quant=false;optq:bits=3,group_size=64" \
   --baselines "bnb-nf4:blocksize=64,double_quant=false;gptq:bits=3,group_size=64" "$@"
 
+# SmolLM2-135M LoRA finetuning, quantizer x initializer (benchmarks/results/finetune_lm/): about an
+# hour for its default rows on an idle machine, resumable row by row (a rerun computes only the
+# missing rows; caches under $LQMOD_CACHE/finetune_lm). FINETUNE_LM_ARGS="--rows all" for every row;
+# SKIP_FINETUNE_LM=1 skips it.
+if [ -z "${SKIP_FINETUNE_LM:-}" ]; then
+  "$PYTHON" benchmarks/bench_finetune_lm.py --out "$OUT/finetune_lm" ${FINETUNE_LM_ARGS:-}
+fi
+
 echo "benchmarks/run_all.sh: done in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
