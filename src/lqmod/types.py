@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 JSONValue = Any  # a value json.dumps accepts
-_JSON_KIND = {str: "string", dict: "object", list: "array"}
+_JSON_KIND: dict[Any, str] = {str: "string", dict: "object", (list, tuple): "array"}
 
 
 @dataclass
@@ -115,7 +115,10 @@ class QuantizedWeight:
         saying which field is wrong and what it must be (headers come from files users edit)."""
         if not isinstance(header, Mapping):
             raise ValueError(f"quantized weight header must be a JSON object, got {type(header).__name__}")
-        for key, kind in (("quantizer", str), ("config", dict), ("shape", list), ("tensors", list)):
+        kinds: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+            ("quantizer", str), ("config", dict), ("shape", (list, tuple)), ("tensors", (list, tuple))
+        )
+        for key, kind in kinds:
             if key not in header:
                 raise ValueError(f"quantized weight header lacks {key!r}")
             if not isinstance(header[key], kind):
