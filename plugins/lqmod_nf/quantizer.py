@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from lqmod.config import QuantizerConfig
-from lqmod.packing import pack_codes, packed_nbytes, unpack_codes
+from lqmod.packing import decode_codes, pack_codes, packed_nbytes
 from lqmod.quantize import QuantizationError
 from lqmod.types import LayerStats, QuantizedWeight
 from lqmod_nf.blockwise import absmax_codes, dequantize_absmax, quantize_absmax
@@ -61,9 +61,12 @@ def block_scales(qweight: QuantizedWeight) -> torch.Tensor:
 def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     cfg = qweight.config
     out_f, in_f = qweight.shape
-    codes = unpack_codes(qweight.tensors["codes"], int(cfg["bits"]), out_f * in_f)
-    values = nf_table(int(cfg["bits"]), codes.device)[codes].view(-1, int(cfg["blocksize"]))
-    dense = values * block_scales(qweight).unsqueeze(1)
+    packed = qweight.tensors["codes"]
+    # table[code] through a byte table (lqmod.packing.decode_codes), then the block scale in
+    # place: the same float32 products as table[codes] * absmax, without int64 codes.
+    table = nf_table(int(cfg["bits"]), packed.device)
+    values = decode_codes(packed, int(cfg["bits"]), out_f * in_f, table).view(-1, int(cfg["blocksize"]))
+    dense = values.mul_(block_scales(qweight).unsqueeze(1))
     return dense.to(dtype).view(out_f, in_f)
 
 

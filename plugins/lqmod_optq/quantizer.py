@@ -16,9 +16,11 @@ group_size``), computed in float32: a float16 scale times an integer below 2**9 
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
-from lqmod.packing import pack_codes, packed_nbytes, unpack_codes
+from lqmod.packing import decode_codes, pack_codes, packed_nbytes, unpack_codes
 from lqmod.types import LayerStats, QuantizedWeight
 from lqmod_optq.algorithm import normalised_hessian, optq
 from lqmod_optq.config import NAME, OPTQConfig, group_size_for, n_groups_for, stores_g_idx
@@ -89,12 +91,26 @@ def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     # config was validated when the weight was quantized.
     out_f, in_f = qweight.shape
     bits = int(qweight.config["bits"])
-    codes = unpack_codes(qweight.tensors["codes"], bits, out_f * in_f).view(out_f, in_f)
-    groups = column_groups(qweight)
-    q = codes - zero_points(qweight)[:, groups]
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    dense = q.to(work) * qweight.tensors["scales"].to(work)[:, groups]
+    t = qweight.tensors
+    # The codes come out as floats through a byte table (lqmod.packing.decode_codes): q - z
+    # of small integers is exact in float, so this is the integer (q - z) * s bit for bit.
+    codes = decode_codes(t["codes"], bits, out_f * in_f, _levels(bits, work, t["codes"].device))
+    zeros = zero_points(qweight).to(work)
+    scales = t["scales"].to(work)
+    if "g_idx" in t:  # act-order: column i's group is g_idx[i]
+        groups = column_groups(qweight)
+        dense = (codes.view(out_f, in_f) - zeros[:, groups]).mul_(scales[:, groups])
+    else:  # consecutive groups: broadcast one scale over each, no gathers
+        n_groups = scales.shape[1]
+        grouped = codes.view(out_f, n_groups, -1)
+        dense = (grouped - zeros.unsqueeze(-1)).mul_(scales.unsqueeze(-1)).view(out_f, in_f)
     return dense.to(dtype)
+
+
+@cache
+def _levels(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.arange(2**bits, dtype=dtype, device=device)
 
 
 def storage_bits(cfg: OPTQConfig, shape: tuple[int, int]) -> int:

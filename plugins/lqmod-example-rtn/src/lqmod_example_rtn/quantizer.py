@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, field_validator
 
 from lqmod.config import QuantizerConfig
-from lqmod.packing import pack_codes, packed_nbytes, unpack_codes
+from lqmod.packing import decode_codes, pack_codes, packed_nbytes
 from lqmod.quantize import QuantizationError
 from lqmod.types import LayerStats, QuantizedWeight
 
@@ -126,15 +126,18 @@ def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     group = in_f if int(cfg["group_size"]) == -1 else int(cfg["group_size"])
     n_groups = in_f // group
     t = qweight.tensors
-    codes = unpack_codes(t["codes"], bits, out_f * in_f).view(out_f, n_groups, group)
-    if cfg["symmetric"]:
-        q = codes - 2 ** (bits - 1)
-    else:
-        q = codes - unpack_codes(t["zeros"], bits, out_f * n_groups).view(out_f, n_groups, 1)
     # float32 math is exact for float16 scales (11-bit mantissa x 8-bit integer); float64 is
     # used only when asked for, so a float64 result is not a rounded float32 one.
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    dense = q.to(work) * t["scales"].to(work).unsqueeze(-1)
+    # Codes decoded straight to floats through a byte table (lqmod.packing.decode_codes):
+    # q - z of small integers is exact in float, so this is the integer (q - z) * s exactly.
+    levels = torch.arange(2**bits, dtype=work, device=t["codes"].device)
+    codes = decode_codes(t["codes"], bits, out_f * in_f, levels).view(out_f, n_groups, group)
+    if cfg["symmetric"]:
+        q = codes.sub_(2 ** (bits - 1))
+    else:
+        q = codes.sub_(decode_codes(t["zeros"], bits, out_f * n_groups, levels).view(out_f, n_groups, 1))
+    dense = q.mul_(t["scales"].to(work).unsqueeze(-1))
     return dense.reshape(out_f, in_f).to(dtype)
 
 
