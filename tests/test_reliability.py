@@ -155,6 +155,25 @@ def test_a_checkpoint_records_the_lqmod_version_and_integrity(tmp_path: Path) ->
     assert lio.read_manifest(tmp_path / "c")["version"] == 2
 
 
+def test_a_version_1_checkpoint_without_integrity_still_loads(tmp_path: Path) -> None:
+    model = _quantized()
+    lio.save_checkpoint(model, tmp_path / "c")
+
+    def as_v1(m: dict[str, Any]) -> None:
+        m["version"] = 1
+        del m["integrity"], m["lqmod_version"]
+
+    _edit(tmp_path / "c", as_v1, resign=False)
+    loaded = lio.load_checkpoint(tmp_path / "c", model=_tiny())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # The quantizers' checks still apply to old checkpoints.
+    _edit(tmp_path / "c", _set(["layers", "0", "config", "bits"], 2), resign=False)
+    with pytest.raises(lio.CheckpointError, match=r"layer '0'.*does not match its config"):
+        lio.load_checkpoint(tmp_path / "c", model=_tiny())
+
+
 def test_a_quantizer_that_materializes_inf_is_refused() -> None:
     # Per-row absmax scales stored in float16 without a check: weights of 1e6 overflow them.
     def quantize(w: torch.Tensor, cfg: QuantizerConfig, stats: object) -> QuantizedWeight:
