@@ -97,7 +97,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _umask() -> int:
-    # The only portable way to read the umask is to set it; it is set straight back.
+    # Linux reports it without changing it (setting it, even briefly, races with other threads).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only portable way to read the umask is to set it; it is set straight back.
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -241,10 +248,10 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = False) -> It
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    stem = f".{target.name}.%s-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = target.parent / (stem % "tmp")
-    old = target.parent / (stem % "old")
-    journal = target.parent / ((stem % "swap") + ".json")
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    journal = target.parent / f".{target.name}.swap-{tag}.json"
     tmp.mkdir()
     try:
         yield tmp
