@@ -16,11 +16,18 @@ examples:
   lqmod plan --model minilm --budget 3.25 --out plan.json
   lqmod plan --model minilm --budget 12MiB --allocator greedy --quantizers nf,rtn --out plan.json
   lqmod plan --model smollm2 --budget 2.75 --fisher --calib-text wikitext2 --n-calib 64 --out plan.json
+  lqmod plan --model smollm2 --budget 3.25 --error output --calib-text wikitext2 --n-calib 64 --out plan.json
   lqmod quantize minilm --plan plan.json --out ckpt
 
 budget: average bits per parameter of the quantized matrices ('3.25', '3.25bits') or their total
 size in bytes ('40MB', '12MiB', '1234567B'). Error-table rows are cached under $LQMOD_CACHE
 (default ~/.cache/lqmod), so a second plan of the same model is instant.
+
+error measures (--error): frobenius ||W - Q||^2 (weight space); fisher, the diagonal-Fisher
+weighted one (same as --fisher); output, the calibrated output error tr((W - Q) H (W - Q)^T) / n
+with H = sum x x^T of each layer's inputs on the calibration text (also what lets OPTQ and the
+QuIP#-like quantizer, which need H, into the table). The Hessians go through the statistics
+cache (--calib-cache, as `lqmod calibrate` and `lqmod quantize --calib-cache` use it).
 """
 
 
@@ -41,9 +48,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quantizers", default=None, help="comma-separated quantizer names (default: all registered)")
     p.add_argument("--include", nargs="*", help="regexes of module names to quantize")
     p.add_argument("--exclude", nargs="*", help="regexes of module names to leave alone")
-    p.add_argument("--fisher", action="store_true", help="weight errors by a diagonal Fisher from calibration text")
-    p.add_argument("--calib-text", default="wikitext2", help="calibration text for --fisher: wikitext2")
-    p.add_argument("--n-calib", type=int, default=64, help="calibration sequences for --fisher")
+    p.add_argument("--fisher", action="store_true", help="weight errors by a diagonal Fisher (= --error fisher)")
+    p.add_argument(
+        "--error",
+        choices=("auto", "frobenius", "fisher", "output"),
+        default="auto",
+        help="error measure of the table (default auto: fisher with --fisher, else frobenius); output = "
+        "tr(dW H dW^T)/n from calibration Hessians",
+    )
+    p.add_argument(
+        "--calib-text", default="wikitext2", help="calibration text: wikitext2 (--fisher); wikitext2 | ptb | a file"
+    )
+    p.add_argument("--n-calib", type=int, default=64, help="calibration sequences (sentences or token windows)")
+    p.add_argument(
+        "--hessian",
+        action="store_true",
+        help="gather calibration Hessians, so quantizers that need them (optq, quip) enter the table whatever "
+        "the error measure (implied by --error output)",
+    )
+    p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (Hessians)")
+    p.add_argument(
+        "--calib-cache", default=None, help="statistics cache folder for the Hessians (default $LQMOD_CACHE/stats)"
+    )
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="error-table cache (default $LQMOD_CACHE or ~/.cache/lqmod)"
     )
@@ -101,6 +127,30 @@ def fisher_stats(
     return {n: LayerStats(fisher=f) for n, f in fisher.items()}
 
 
+def _error_measure(args: argparse.Namespace) -> str:
+    """--error, with --fisher as its older spelling; a clash is an error, not a silent choice."""
+    error = str(getattr(args, "error", "auto"))
+    if args.fisher:
+        if error not in ("auto", "fisher"):
+            raise ValueError(f"--fisher asks for the Fisher-weighted error but --error is {error!r}; give one of them")
+        return "fisher"
+    return error
+
+
+def hessian_stats(
+    model: Any, tokenizer: Any, model_kind: str, names: list[str], args: argparse.Namespace, *, progress: bool = True
+) -> dict[str, Any]:
+    """``X^T X`` of every target's input on the calibration text, read from / written to the stats cache."""
+    from lqmod.calibration.cache import StatsCache
+    from lqmod.calibration.command import compute_stats
+    from lqmod.calibration.text import calibration_batches
+
+    batches = calibration_batches(tokenizer, model_kind, args.calib_text, args.n_calib, length=args.calib_seq_len)
+    cache_dir = str(StatsCache(args.calib_cache).root)
+    return compute_stats(model, names, batches, {"hessian"}, cache_dir=cache_dir, text=args.calib_text,
+                         progress=progress)
+
+
 def run_command(args: argparse.Namespace) -> int:
     from lqmod.allocation.budget import parse_budget
     from lqmod.allocation.options import parse_quantizer_list
@@ -110,6 +160,7 @@ def run_command(args: argparse.Namespace) -> int:
     from lqmod.hf import load_local_model
     from lqmod.model import find_targets
     from lqmod.plugins import get_registry
+    from lqmod.types import LayerStats
 
     # Everything checkable is checked before the (slow) model load and table build.
     budget = parse_budget(args.budget)
@@ -126,11 +177,18 @@ def run_command(args: argparse.Namespace) -> int:
         **({"include": tuple(args.include)} if args.include else {}),
         **({"exclude": tuple(args.exclude)} if args.exclude else {}),
     )
+    error = _error_measure(args)
     model, tokenizer, where = load_local_model(args.model)
     stats = None
-    if args.fisher:
+    names = find_targets(model, targets)
+    if error == "fisher":
         texts = _calibration_texts(args.calib_text, args.n_calib, where.kind)
-        stats = fisher_stats(model, tokenizer, find_targets(model, targets), texts, progress=not args.no_progress)
+        stats = fisher_stats(model, tokenizer, names, texts, progress=not args.no_progress)
+    if error == "output" or getattr(args, "hessian", False):
+        hess = hessian_stats(model, tokenizer, where.kind, names, args, progress=not args.no_progress)
+        stats = hess if stats is None else {
+            n: LayerStats(h.hessian, h.n_tokens, stats[n].fisher, h.act_absmean) for n, h in hess.items()
+        }
     cache: Any = False if args.no_cache else args.cache_dir
     plan, summary = plan_model(
         model,
@@ -143,6 +201,7 @@ def run_command(args: argparse.Namespace) -> int:
         cache=cache,
         registry=registry,
         progress=not args.no_progress,
+        error=error,
     )
     summary["model"] = str(where.path)
     write_plan(plan.model_copy(update={"summary": summary}), args.out, overwrite=args.overwrite)

@@ -141,13 +141,17 @@ def plan_model(
     cache: CacheArg = None,
     registry: Registry | None = None,
     progress: bool = True,
+    error: str = "auto",
 ) -> tuple[Plan, dict[str, Any]]:
     """Choose a quantizer and config for every target matrix of ``model`` within ``budget``.
 
     ``budget``: average bits per parameter (``3.25``, ``"3.25bits"``) or bytes (``"12MB"``,
     ``"12MiB"``, ``"1234567B"``) for the target matrices' storage. ``quantizers`` limits the
     options (default: every registered quantizer); ``stats`` (module name -> LayerStats) feeds
-    quantizers that need statistics, and, when every matrix has ``fisher``, weights the error.
+    quantizers that need statistics and the error measure: ``error="auto"`` weights the error by
+    the Fisher when every matrix has ``fisher`` (else plain ``||W - Q||^2``); ``"output"`` uses
+    the calibrated output error ``tr(dW H dW^T) / n`` from ``hessian`` (see
+    :mod:`lqmod.allocation.table`).
     The plan is what ``quantize_model(model, plan=plan)`` reads; the summary is also
     ``plan.summary`` (budget, achieved bits, total error, histograms, solver status, timing).
     """
@@ -157,7 +161,8 @@ def plan_model(
     validate_config(spec.config_model, allocator_config, what=f"{allocator} allocator config")
     start = time.perf_counter()
     table = build_model_error_table(
-        model, quantizers=quantizers, targets=targets, stats=stats, cache=cache, registry=registry, progress=progress
+        model, quantizers=quantizers, targets=targets, stats=stats, cache=cache, registry=registry, progress=progress,
+        error=error,
     )
     table_seconds = time.perf_counter() - start
     plan, summary = allocate_table(

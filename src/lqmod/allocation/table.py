@@ -1,9 +1,18 @@
 """The error table: for every target matrix and every option, its error and exact storage bits.
 
 Built matrix by matrix (a progress bar per matrix), each option's result written to the
-:class:`~lqmod.allocation.cache.TableCache` as soon as it is known. The error is
-``||W - Q||_F^2``, or ``sum(F * (W - Q)^2)`` with a diagonal Fisher ``F`` when every matrix
-has ``LayerStats.fisher``; sums run in float64.
+:class:`~lqmod.allocation.cache.TableCache` as soon as it is known. The error measure
+(``error=``) is one of
+
+* ``"frobenius"``: ``||W - Q||_F^2`` (weight space);
+* ``"fisher"``: ``sum(F * (W - Q)^2)`` with the diagonal Fisher ``F = LayerStats.fisher``;
+* ``"output"``: the calibrated output error ``tr((W - Q) H (W - Q)^T) / n`` with ``H =
+  LayerStats.hessian`` (``sum x x^T`` over ``n = LayerStats.n_tokens`` calibration tokens), i.e.
+  the mean over calibration tokens of ``||(W - Q) x||^2``: what OPTQ and QuIP# minimise, and
+  summed over matrices the quantity a plan trades off;
+* ``"auto"`` (the default): ``"fisher"`` when the statistics hold Fishers, else ``"frobenius"``.
+
+Every matrix must carry the statistic its measure reads. Sums run in float64.
 """
 
 from __future__ import annotations
@@ -27,11 +36,23 @@ from lqmod.plugins import Registry, get_registry
 from lqmod.quantize import QuantizationError, quantize_weight
 from lqmod.types import AllocationProblem, Candidate, LayerStats, Option, QuantizerSpec
 
-__all__ = ["ErrorTable", "MatrixInfo", "build_error_table", "build_model_error_table", "weighted_error"]
+__all__ = [
+    "ERROR_MEASURES",
+    "ErrorTable",
+    "MatrixInfo",
+    "build_error_table",
+    "build_model_error_table",
+    "output_error",
+    "resolve_error_measure",
+    "weighted_error",
+]
 
 CacheArg = TableCache | str | os.PathLike[str] | bool | None
 # Rows of at most this many elements are reduced at a time: float64 temporaries stay small.
 _CHUNK = 1 << 22
+ERROR_MEASURES = ("auto", "frobenius", "fisher", "output")
+# The statistic each measure reads (the table's `weighting` names the measure it used).
+_NEEDS = {"fisher": "fisher", "output": "hessian"}
 
 
 @dataclass(frozen=True)
@@ -105,17 +126,50 @@ def weighted_error(weight: torch.Tensor, approx: torch.Tensor, fisher: torch.Ten
     return total
 
 
-def _weighting(names: list[str], stats: Mapping[str, LayerStats] | None) -> str:
-    with_fisher = [n for n in names if stats and stats.get(n) is not None and stats[n].fisher is not None]
-    if not with_fisher:
-        return "frobenius"
-    missing = [n for n in names if n not in with_fisher]
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, n_tokens: int) -> float:
+    """``tr((W - Q) H (W - Q)^T) / n_tokens`` in float64, a block of rows at a time.
+
+    ``hessian`` is ``sum x x^T`` (in, in) over ``n_tokens`` inputs, so the result is the mean
+    squared output error ``||(W - Q) x||^2`` over those inputs (``n_tokens`` <= 0: the plain sum).
+    """
+    h = hessian.double()
+    rows = max(1, _CHUNK // max(1, weight.shape[1]))
+    total = 0.0
+    for start in range(0, weight.shape[0], rows):
+        d = weight[start : start + rows].double() - approx[start : start + rows].double()
+        total += float(((d @ h) * d).sum())
+    # H is positive semi-definite, so a (tiny) negative total is float64 rounding of a zero error.
+    total = max(total, 0.0)
+    return total / n_tokens if n_tokens > 0 else total
+
+
+def resolve_error_measure(error: str, names: list[str], stats: Mapping[str, LayerStats] | None) -> str:
+    """The measure ``error`` stands for (``"auto"`` resolved); raises if a matrix lacks its statistic."""
+    if error not in ERROR_MEASURES:
+        raise ValueError(f"unknown error measure {error!r}; accepted: {', '.join(ERROR_MEASURES)}")
+    if error == "auto":
+        has_fisher = bool(stats) and any(s is not None and s.fisher is not None for s in (stats or {}).values())
+        error = "fisher" if has_fisher else "frobenius"
+    field_name = _NEEDS.get(error)
+    if field_name is None:
+        return error
+    have = [n for n in names if stats and stats.get(n) is not None and getattr(stats[n], field_name) is not None]
+    missing = [n for n in names if n not in have]
     if missing:
-        raise ValueError(
-            f"Fisher statistics given for {len(with_fisher)} of {len(names)} matrices (missing e.g. {missing[:3]}); "
+        hint = (
             "errors must be weighted alike: give a Fisher for every target matrix or for none"
+            if error == "fisher"
+            else "compute Hessians for every target (lqmod.calibration.collect_hessians)"
         )
-    return "fisher"
+        raise ValueError(
+            f"error measure {error!r} needs stats.{field_name} for every matrix; given for {len(have)} of "
+            f"{len(names)} (missing e.g. {missing[:3]}): {hint}"
+        )
+    return error
+
+
+def _weighting(names: list[str], stats: Mapping[str, LayerStats] | None, error: str = "auto") -> str:
+    return resolve_error_measure(error, names, stats)
 
 
 def _measure(
@@ -123,7 +177,7 @@ def _measure(
     option: Option,
     weight: torch.Tensor,
     stats: LayerStats | None,
-    fisher: torch.Tensor | None,
+    measure: str,
     name: str,
 ) -> dict[str, Any]:
     """Quantize one matrix with one option: a record with error and exact bits, or a skip reason."""
@@ -144,7 +198,11 @@ def _measure(
         )
     with torch.no_grad():
         approx = spec.materialize(qw, torch.float32)
-    error = weighted_error(weight, approx, fisher)
+    if measure == "output":
+        assert stats is not None and stats.hessian is not None  # checked by the caller
+        error = output_error(weight, approx, stats.hessian, stats.n_tokens)
+    else:
+        error = weighted_error(weight, approx, stats.fisher if measure == "fisher" and stats is not None else None)
     if not math.isfinite(error):
         return {"label": option.label, "skipped": f"non-finite error {error!r}"}
     return {"label": option.label, "error": error, "bits": int(bits)}
@@ -169,19 +227,22 @@ def build_error_table(
     registry: Registry | None = None,
     progress: bool = True,
     total: int | None = None,
+    error: str = "auto",
 ) -> ErrorTable:
     """Error table of named (out, in) weights, streamed: one weight is held at a time.
 
     ``weights`` may be a generator; ``total`` sizes the progress bar. ``cache``: a
     :class:`TableCache`, a directory, None/True for the default root, False for none.
+    ``error``: the measure (module docstring); each matrix must have the statistic it reads.
     """
     registry = registry or get_registry()
     specs = {o.quantizer: registry.quantizer(o.quantizer) for o in options}
     keys = [option_key(o, registry) for o in options]
     store = _resolve_cache(cache)
-    # Fisher weighting is all-or-none: each matrix is checked as it streams past.
-    has_fisher = bool(stats) and any(s is not None and s.fisher is not None for s in (stats or {}).values())
-    weighting = "fisher" if has_fisher else "frobenius"
+    if error not in ERROR_MEASURES:
+        raise ValueError(f"unknown error measure {error!r}; accepted: {', '.join(ERROR_MEASURES)}")
+    # A weighting is all-or-none: each matrix is checked as it streams past.
+    weighting = resolve_error_measure(error, [], stats)
     table = ErrorTable(options=list(options), weighting=weighting)
     bar = tqdm(weights, total=total, desc="error table", unit="matrix", disable=not progress)
     for name, weight in bar:
@@ -197,6 +258,18 @@ def build_error_table(
                     f"{name}: Fisher shape {tuple(fisher.shape)} differs from the (out, in) weight shape "
                     f"{tuple(weight.shape)}"
                 )
+        if weighting == "output":
+            hessian = layer_stats.hessian if layer_stats is not None else None
+            if hessian is None:
+                raise ValueError(
+                    f"{name}: error measure 'output' needs stats.hessian (sum of x x^T) for every matrix; "
+                    "this one has none"
+                )
+            if tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
+                raise ValueError(
+                    f"{name}: Hessian shape {tuple(hessian.shape)} is not (in, in) = "
+                    f"({weight.shape[1]}, {weight.shape[1]}) for the (out, in) weight {tuple(weight.shape)}"
+                )
         info = MatrixInfo(name, (int(weight.shape[0]), int(weight.shape[1])), tensor_hash(weight))
         table.matrices[name] = info
         s_key = stats_hash(layer_stats)
@@ -211,7 +284,7 @@ def build_error_table(
                 continue
             record = records.get(key)
             if record is None:
-                record = _measure(spec, option, weight, layer_stats, fisher, name)
+                record = _measure(spec, option, weight, layer_stats, weighting, name)
                 table.computed += 1
                 if store is not None:
                     records[key] = record
@@ -238,18 +311,23 @@ def build_model_error_table(
     cache: CacheArg = None,
     registry: Registry | None = None,
     progress: bool = True,
+    error: str = "auto",
 ) -> ErrorTable:
-    """The error table of every matrix ``targets`` selects in ``model``, over every option of ``quantizers``."""
+    """The error table of every matrix ``targets`` selects in ``model``, over every option of ``quantizers``.
+
+    ``error``: ``"auto"``, ``"frobenius"``, ``"fisher"`` or ``"output"`` (see the module docstring).
+    """
     registry = registry or get_registry()
     target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
     names = find_targets(model, target_cfg)
     if not names:
         raise ValueError(f"no linear layer matches include={target_cfg.include} exclude={target_cfg.exclude}")
-    _weighting(names, stats)  # fail before quantizing anything
+    _weighting(names, stats, error)  # fail before quantizing anything
     if options is None:
         options = collect_options(registry, quantizers)
     weights = ((n, _dense_weight(model.get_submodule(n)).detach()) for n in names)
     table = build_error_table(
-        weights, options, stats=stats, cache=cache, registry=registry, progress=progress, total=len(names)
+        weights, options, stats=stats, cache=cache, registry=registry, progress=progress, total=len(names),
+        error=error,
     )
     return table
