@@ -86,6 +86,7 @@ def test_memory_dry_run(tmp_path: Path) -> None:
     assert len(losses) == 1  # the same toy model and batch under all three: only kernels differ
 
 
+@pytest.mark.slow
 def test_without_cuda_the_benchmark_refuses(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     import torch
