@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,11 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def finetuned(tmp_path: Path, *, use_dora: bool = False) -> object:
-    """A tiny Llama quantized to NF4 on load, with PEFT adapters moved away from their init."""
+    """A tiny Llama quantized to NF4 on load (saved to ``quantized``), with PEFT adapters moved
+    away from their init."""
     tiny_llama(1).save_pretrained(tmp_path / "dense")
     model = AutoModel.from_pretrained(tmp_path / "dense", quantization_config=LqmodConfig(quantizer="nf"))
+    model.save_pretrained(tmp_path / "quantized")
     pm = peft.get_peft_model(
         model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=lqpeft.target_modules(model), use_dora=use_dora)
     )
@@ -104,6 +107,19 @@ def test_peft_merge_and_unload_keeps_a_savable_quantized_model(tmp_path: Path) -
     torch.testing.assert_close(logits(AutoModel.from_pretrained(tmp_path / "q")), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_quantized_base_and_adapter_reload_without_original_weights(tmp_path: Path, use_dora: bool) -> None:
+    """The serving route: base saved by transformers, adapter by PEFT, both reloaded by their owners."""
+    pm = finetuned(tmp_path, use_dora=use_dora)
+    expected = logits(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    shutil.rmtree(tmp_path / "dense")
+    base = AutoModel.from_pretrained(tmp_path / "quantized")
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert sum(isinstance(m, lqpeft.LoraQuantizedLinear) for m in reloaded.modules()) == 7
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=0)
+
+
 PLAIN_LOAD = """
 import sys, transformers
 for path in sys.argv[1:]:
@@ -122,9 +138,6 @@ def test_plain_transformers_refuses_the_quantized_dir_and_loads_the_merged_one(t
     """In an interpreter that never imports lqmod: the quantized directory fails loudly (not a
     silently random model), the merged dense one loads."""
     pm = finetuned(tmp_path)
-    AutoModel.from_pretrained(tmp_path / "dense", quantization_config=LqmodConfig()).save_pretrained(
-        tmp_path / "quantized"
-    )
     merge_to_dense(pm, torch.float32).save_pretrained(tmp_path / "merged")
     result = subprocess.run(
         [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "quantized"), str(tmp_path / "merged")],

@@ -181,3 +181,21 @@ def test_config_made_before_registration_and_all_linear() -> None:
     assert sum(isinstance(m, lqpeft.LoraQuantizedLinear) for m in pm.modules()) == 7
     with pytest.raises(ValueError, match="no lqmod QuantizedLinear"):
         lqpeft.target_modules(tiny_llama(1))
+
+
+def test_modules_to_save_train_in_full_beside_the_adapters(tmp_path: object, tokens: torch.Tensor) -> None:
+    qmodel, _ = quantized_pair("nf")
+    fresh = copy.deepcopy(qmodel)
+    pq = peft.get_peft_model(qmodel, lora_config(modules_to_save=["lm_head"]))
+    _, _, grads = loss_and_grads(pq, tokens)
+    full = [n for n in grads if "lm_head" in n]
+    assert full and all(grads[n].abs().sum() > 0 for n in full)
+    assert any("lora_A" in n for n in grads)
+    with torch.no_grad():
+        for p in pq.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    pq.save_pretrained(str(tmp_path))
+    reloaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=tokens).logits, pq(input_ids=tokens).logits, rtol=0, atol=0)

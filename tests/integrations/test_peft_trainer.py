@@ -42,3 +42,26 @@ def test_trainer_lowers_the_loss_and_leaves_the_base_alone(tmp_path: Path, use_d
         if n in codes:
             assert torch.equal(b, codes[n]), f"{n} changed: the quantized base must stay frozen"
     assert sum(isinstance(m, QuantizedLinear) for m in pm.modules()) == 7
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_over_peft_on_lqmod_layers(tmp_path: Path) -> None:
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from integ_helpers import save_word_tokenizer
+
+    text = save_word_tokenizer(tmp_path / "tok")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    model = tiny_llama(1)
+    quantize_linears(model, "nf", {"bits": 4, "blocksize": 64})
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=lqpeft.target_modules(model)))
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    ds = datasets.Dataset.from_dict({"text": text.read_text().splitlines()})
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        max_length=16, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, dataset_num_proc=None,
+    )
+    out = trl.SFTTrainer(model=pm, args=cfg, train_dataset=ds, processing_class=tokenizer).train()
+    assert out.global_step == 3
+    moved = [n for n, p in pm.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved and all("lora_" in n for n in moved)

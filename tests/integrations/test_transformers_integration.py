@@ -158,3 +158,15 @@ def test_sequential_calibration_on_load(dense_dir: Path) -> None:
     assert len(layers) == 14 and {m.quantizer for m in layers} == {"optq"}
     assert not any(hasattr(m, "lora_A") for m in model.modules())
     assert torch.isfinite(logits(model)).all()
+
+
+def test_dequantize_gives_a_plain_dense_model(dense_dir: Path, tmp_path: Path) -> None:
+    model = AutoModel.from_pretrained(dense_dir, quantization_config=LqmodConfig(quantizer="nf"))
+    before = logits(model)
+    dense = model.dequantize()
+    assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+    assert getattr(dense.config, "quantization_config", None) is None
+    torch.testing.assert_close(logits(dense), before, rtol=1e-5, atol=1e-5)
+    dense.save_pretrained(tmp_path / "dense-again")
+    again = AutoModel.from_pretrained(tmp_path / "dense-again")
+    torch.testing.assert_close(logits(again), before, rtol=1e-5, atol=1e-5)

@@ -453,8 +453,14 @@ def quantize_model(
     """
     if not isinstance(quantization_config, LqmodConfig):
         raise TypeError(f"expected an LqmodConfig, got {type(quantization_config).__name__}")
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError("the model is already quantized (it has an hf_quantizer)")
+    existing = getattr(model, "hf_quantizer", None)
+    if existing is not None:
+        qm = existing.quantization_config.quant_method
+        method = str(getattr(qm, "value", qm))
+        # transformers loads a GGUF file through a quantizer that dequantizes every tensor:
+        # those weights are dense and may be quantized again. Anything else already is.
+        if method != "gguf":
+            raise ValueError(f"the model is already quantized (method {method!r}); load it dense first")
     cfg = quantization_config
     skip = HfQuantizer.get_modules_to_not_convert(
         model, cfg.modules_to_not_convert or None, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
