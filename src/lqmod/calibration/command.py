@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, default="hessian")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (causal LM)")
     p.add_argument("--batch-size", type=int, default=8, help="sentences per batch (encoder)")
+    _add_skip_first(p, "--skip-first")
     p.add_argument("--cache", default=None, help="cache folder (default: $LQMOD_CACHE or ~/.cache/lqmod/stats)")
     p.add_argument("--include", nargs="*", help="regexes of module names (default: every linear but heads)")
     p.add_argument("--exclude", nargs="*", help="regexes of module names to leave out")
@@ -48,6 +49,32 @@ def add_quantize_options(q: argparse.ArgumentParser) -> None:
         help="GPTQ-style: quantize block by block, each block's Hessians taken on the quantized blocks' outputs",
     )
     q.add_argument("--calib-cache", default=None, help="statistics cache folder to read and fill")
+    _add_skip_first(q, "--calib-skip-first")
+
+
+SKIP_FIRST_DEFAULT = "auto"
+
+
+def _add_skip_first(p: argparse.ArgumentParser, flag: str) -> None:
+    p.add_argument(
+        flag,
+        default=SKIP_FIRST_DEFAULT,
+        help="leave the first N tokens of every calibration window out of the Hessians (default auto: 1 for "
+        "a causal LM, whose first window token is an attention sink with massive activations; 0 otherwise)",
+    )
+
+
+def skip_first_for(value: Any, model_kind: str) -> int:
+    """The ``--skip-first`` / ``--calib-skip-first`` value as a token count (``auto`` resolved by model kind)."""
+    if value is None or value == SKIP_FIRST_DEFAULT:
+        return 1 if model_kind == "causal-lm" else 0
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise ValueError(f"skip-first must be 'auto' or a number of tokens >= 0, got {value!r}")
+    return n
 
 
 def _targets(include: Sequence[str] | None, exclude: Sequence[str] | None) -> Any:
@@ -67,8 +94,12 @@ def compute_stats(
     cache_dir: str | None = None,
     text: str = "",
     progress: bool = True,
+    skip_first: int = 0,
 ) -> dict[str, LayerStats]:
-    """Hessians and/or a Fisher of ``names``, through the cache when ``cache_dir`` is given."""
+    """Hessians and/or a Fisher of ``names``, through the cache when ``cache_dir`` is given.
+
+    ``skip_first`` leaves the first tokens of every sequence out of the Hessians (not the Fisher).
+    """
     from lqmod.calibration.cache import StatsCache
     from lqmod.calibration.fisher import diagonal_fisher, fisher_stats
     from lqmod.calibration.hessian import collect_hessians
@@ -81,13 +112,13 @@ def compute_stats(
     for kind in sorted(kinds):
         def compute(kind: str = kind) -> dict[str, LayerStats]:
             if kind == "hessian":
-                return collect_hessians(model, names, batches, progress=progress)
+                return collect_hessians(model, names, batches, progress=progress, skip_first=skip_first)
             return fisher_stats(diagonal_fisher(model, names, batches, progress=progress))
 
         if cache is None:
             got = compute()
         else:
-            key = cache.key(model, names, batches, kind)
+            key = _stats_key(cache, model, names, batches, kind, skip_first)
             loaded = cache.load(key)
             if loaded is None:
                 got = compute()
@@ -103,6 +134,13 @@ def compute_stats(
                 prev.act_absmean if prev.act_absmean is not None else s.act_absmean,
             )
     return out
+
+
+def _stats_key(cache: Any, model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]], kind: str,
+               skip_first: int) -> str:
+    # Keys without skip_first stay those of earlier versions (their entries stay valid).
+    extra = {"skip_first": skip_first} if kind == "hessian" and skip_first else {}
+    return str(cache.key(model, names, batches, kind, **extra))
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -122,11 +160,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     batches = calibration_batches(
         tokenizer, where.kind, args.text, args.n, length=args.seq_len, batch_size=args.batch_size
     )
+    skip_first = skip_first_for(args.skip_first, where.kind)
     cache = StatsCache(args.cache)
-    key = cache.key(model, names, batches, args.kind)
+    key = _stats_key(cache, model, names, batches, args.kind, skip_first)
     hit = cache.load(key) is not None
     stats = compute_stats(model, names, batches, {args.kind}, cache_dir=str(cache.root), text=args.text,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, skip_first=skip_first)
     table = Table(title=f"{args.kind} of {len(stats)} layers, {where.name}, {args.text} (n={args.n})")
     for col in ("layer", "shape", "tokens", "mean diag" if args.kind == "hessian" else "mean fisher", "max"):
         table.add_column(col)
@@ -171,6 +210,7 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
         return quantize_model(model, **kwargs)
     needs = {s for name in lq.entries for s in lq.needs(name)}
     progress = not getattr(args, "no_progress", False)
+    skip_first = skip_first_for(getattr(args, "calib_skip_first", None), model_kind)
     if args.sequential:
         given = None
         if needs - {"hessian"}:
@@ -178,8 +218,8 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
                                   text=args.calib_text, progress=progress)
         cache = StatsCache(args.calib_cache) if args.calib_cache else None
         return quantize_model_sequential(model, batches=batches, stats=given, cache=cache, progress=progress,
-                                         **kwargs)
+                                         skip_first=skip_first, **kwargs)
     stats = compute_stats(model, list(lq.entries), batches, needs, cache_dir=args.calib_cache, text=args.calib_text,
-                          progress=progress)
+                          progress=progress, skip_first=skip_first)
     return quantize_model(model, stats=stats, **kwargs)
 

@@ -4,6 +4,12 @@ and the mean absolute activation per input feature, gathered with forward hooks.
 Each statistic is a sum over *real* tokens: positions where the batch's ``attention_mask``
 is 0 (padding) are left out, so a padded batch gives the same statistics as its unpadded
 sentences run one by one.
+
+``skip_first=k`` also leaves out the first ``k`` real tokens of every sequence. A causal LM
+makes the first token of a window an *attention sink* with massive activations: on
+SmolLM2-135M the input of ``layers.11.mlp.down_proj`` at that one position has ~3e5 times the
+median token's squared norm, so it is 99.9% of ``X^T X`` and OPTQ spends its error feedback on
+it alone, at the cost of every other token (measurements in ``plugins/lqmod_optq/README.md``).
 """
 
 from __future__ import annotations
@@ -60,7 +66,10 @@ class HessianAccumulator:
     lets modules fed the very same tensor (q/k/v, gate/up) share one product.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+    def __init__(self, modules: Mapping[str, nn.Module], *, skip_first: int = 0) -> None:
+        if skip_first < 0:
+            raise ValueError(f"skip_first must be >= 0 (tokens left out at the start of a sequence), got {skip_first}")
+        self.skip_first = int(skip_first)
         self.modules = dict(modules)
         self.features = {n: input_features(m) for n, m in self.modules.items()}
         self.grams: dict[str, torch.Tensor] = {}
@@ -73,11 +82,29 @@ class HessianAccumulator:
         self._mask = None if attention_mask is None else attention_mask.bool()
         self._cache = {}
 
+    def _skip_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(batch, seq) bool: real tokens that are not among the first ``skip_first`` of their sequence."""
+        if self.skip_first == 0 or x.ndim < 3:
+            return None
+        seq_shape = x.shape[:-1]
+        mask = self._mask
+        if mask is None or mask.shape != seq_shape:
+            if mask is not None and not bool(mask.all()):
+                return None  # _rows raises its own error for this misaligned, padded input
+            mask = torch.ones(seq_shape, dtype=torch.bool)
+        mask = mask.to(x.device)
+        # Rank of each real token within its sequence (left padding is not counted).
+        rank = mask.long().cumsum(dim=-1) - 1
+        return mask & (rank >= self.skip_first)
+
     def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.features[name]:
             raise ValueError(
                 f"{name}: input has {x.shape[-1]} features, the layer expects {self.features[name]}"
             )
+        skip = self._skip_mask(x)
+        if skip is not None:
+            return x[skip]
         mask = self._mask
         if mask is None:
             return x.reshape(-1, x.shape[-1])
@@ -156,17 +183,19 @@ def collect_hessians(
     batches: Iterable[Mapping[str, Any]],
     *,
     progress: bool = True,
+    skip_first: int = 0,
 ) -> dict[str, LayerStats]:
     """``X^T X`` of each named linear module's input over ``batches``, as :class:`LayerStats`.
 
     Each batch is the keyword arguments of one ``model(**batch)`` call. ``hessian`` is the
     float64 sum over real tokens (``attention_mask == 0`` positions excluded), ``n_tokens``
     the number of tokens summed and ``act_absmean`` the float32 mean ``|x|`` per input
-    feature. Modules fed the same tensor in a pass share one product. A module that saw no
-    token is an error (the batches never reach it, or all positions are padding).
+    feature. Modules fed the same tensor in a pass share one product. ``skip_first`` leaves
+    out the first real tokens of each sequence (attention sinks, module docstring). A module
+    that saw no token is an error (the batches never reach it, or all positions are padding).
     """
     modules = {n: linear_module(model, n) for n in names}
-    acc = HessianAccumulator(modules)
+    acc = HessianAccumulator(modules, skip_first=skip_first)
     with acc.attach(), torch.no_grad():
         for batch in tqdm(batches, desc="hessians", unit="batch", disable=not progress, leave=False):
             acc.start_batch(_batch_mask(batch))

@@ -174,8 +174,9 @@ def _gather(
     inputs: Sequence[BlockInput],
     masks: Sequence[torch.Tensor | None],
     last: str,
+    skip_first: int = 0,
 ) -> dict[str, LayerStats]:
-    acc = HessianAccumulator({n: block.get_submodule(members[n]) for n in names})
+    acc = HessianAccumulator({n: block.get_submodule(members[n]) for n in names}, skip_first=skip_first)
 
     def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
         raise _Stop
@@ -199,10 +200,13 @@ def _cache_key(
     lq: LayerQuantizer,
     batches: Sequence[Mapping[str, Any]],
     seed: int,
+    skip_first: int = 0,
 ) -> str:
     plan = {n: {"quantizer": e.quantizer, "config": e.config} for n, e in lq.entries.items()}
+    extra: dict[str, Any] = {"skip_first": skip_first} if skip_first else {}  # old keys stay valid
     return cache.key(
-        model, list(lq.entries), batches, "hessian-sequential", plan=plan, lora=lq.lora_cfg.model_dump(), seed=seed
+        model, list(lq.entries), batches, "hessian-sequential", plan=plan, lora=lq.lora_cfg.model_dump(), seed=seed,
+        **extra,
     )
 
 
@@ -220,6 +224,7 @@ def quantize_model_sequential(
     progress: bool = True,
     cache: StatsCache | None = None,
     stats: Mapping[str, LayerStats] | None = None,
+    skip_first: int = 0,
 ) -> QuantizeReport:
     """Quantize ``model`` in place block by block, each block's Hessians taken on quantized inputs.
 
@@ -231,8 +236,10 @@ def quantize_model_sequential(
     sequential Hessians). Targets outside the block list are quantized last, on Hessians of
     a normal pass through the then-quantized model. With ``cache``, the Hessians and the
     quantization order are stored, and a later identical call (same weights, text, plan,
-    LoRA config, seed) reuses them without any forward pass. Returns the same report as
-    ``quantize_model``, layers in module order.
+    LoRA config, seed) reuses them without any forward pass. ``skip_first`` leaves the first
+    tokens of every sequence out of the Hessians (attention sinks: see
+    :mod:`lqmod.calibration.hessian`). Returns the same report as ``quantize_model``, layers in
+    module order.
     """
     lq = LayerQuantizer(model, quantizer, config, lora=lora, targets=targets, plan=plan, registry=registry, seed=seed)
     batches = list(batches)
@@ -248,7 +255,7 @@ def quantize_model_sequential(
                 "with lqmod.calibration.diagonal_fisher(model, names, batches) and pass "
                 "stats=lqmod.calibration.fisher_stats(fisher) to quantize_model_sequential or quantize_model"
             )
-    key = _cache_key(cache, model, lq, batches, seed) if cache is not None else None
+    key = _cache_key(cache, model, lq, batches, seed, skip_first) if cache is not None else None
     cached = cache.load(key) if cache is not None and key is not None else None
     manifest = cache.manifest(key) if cached is not None and cache is not None and key is not None else None
     lq.freeze()
@@ -259,7 +266,9 @@ def quantize_model_sequential(
             for name in tqdm(order, desc="quantizing (cached)", unit="layer", disable=not progress)
         }
     else:
-        reports, gathered, order = _sequential(model, lq, batches, given, keep=cache is not None, progress=progress)
+        reports, gathered, order = _sequential(
+            model, lq, batches, given, keep=cache is not None, progress=progress, skip_first=skip_first
+        )
         if cache is not None and key is not None:
             cache.save(key, gathered, meta={"kind": "hessian-sequential", "order": order})
     report = QuantizeReport()
@@ -284,6 +293,7 @@ def _sequential(
     *,
     keep: bool,
     progress: bool,
+    skip_first: int = 0,
 ) -> tuple[dict[str, Any], dict[str, LayerStats], list[str]]:
     """The block loop: (reports by name, gathered Hessian stats if ``keep``, quantization order)."""
     names = list(lq.entries)
@@ -320,7 +330,7 @@ def _sequential(
     def outside_pass(which: list[str]) -> None:
         want = [n for n in which if n in needs_h]
         if want:
-            gathered.update(collect_hessians(model, want, batches, progress=False))
+            gathered.update(collect_hessians(model, want, batches, progress=False, skip_first=skip_first))
         for name in which:
             quantize(name)
 
@@ -339,7 +349,9 @@ def _sequential(
                 for stage in _stages(block, members, inputs[0]):
                     want = [n for n in stage if n in needs_h]
                     if want:
-                        gathered.update(_gather(block, members, want, inputs, masks, last=want[-1]))
+                        gathered.update(
+                            _gather(block, members, want, inputs, masks, last=want[-1], skip_first=skip_first)
+                        )
                     for name in sorted(stage, key=names.index):
                         quantize(name)
             else:
