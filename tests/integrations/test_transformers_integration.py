@@ -170,3 +170,14 @@ def test_dequantize_gives_a_plain_dense_model(dense_dir: Path, tmp_path: Path) -
     dense.save_pretrained(tmp_path / "dense-again")
     again = AutoModel.from_pretrained(tmp_path / "dense-again")
     torch.testing.assert_close(logits(again), before, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_load_save_reload(dense_dir: Path, tmp_path: Path) -> None:
+    model = AutoModel.from_pretrained(dense_dir, dtype=torch.bfloat16, quantization_config=LqmodConfig(quantizer="nf"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    layer = next(m for m in model.modules() if isinstance(m, QuantizedLinear))
+    assert layer.compute_dtype == torch.bfloat16 and layer.base.absmax_scale.dtype == torch.float32
+    before = logits(model)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModel.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    torch.testing.assert_close(logits(reloaded), before, rtol=0, atol=0)
