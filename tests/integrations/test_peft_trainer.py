@@ -65,3 +65,38 @@ def test_trl_sft_trainer_over_peft_on_lqmod_layers(tmp_path: Path) -> None:
     assert out.global_step == 3
     moved = [n for n, p in pm.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert moved and all("lora_" in n for n in moved)
+
+
+def test_galore_for_the_full_rank_modules_beside_the_adapters(tmp_path: Path) -> None:
+    """modules_to_save (the LM head) trains in full rank with GaLore's projected Adam, the
+    adapters with plain Adam, the quantized base not at all."""
+    pytest.importorskip("galore_torch", reason="galore-torch is not installed (pip install 'lqmod[galore]')")
+    model = tiny_llama(1)
+    quantize_linears(model, "nf", {"bits": 4, "blocksize": 64})
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=lqpeft.target_modules(model), modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(model, lora)
+    head = "base_model.model.lm_head.modules_to_save.default"
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    codes = {n: b.clone() for n, b in pm.named_buffers() if n.endswith("codes")}
+    seqs = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(0))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0, optim="galore_adamw", optim_target_modules=[head],
+        optim_args="rank=4, update_proj_gap=4, scale=0.25",
+    )
+    trainer = transformers.Trainer(model=pm, args=args, train_dataset=[{"input_ids": s, "labels": s} for s in seqs])
+    trainer.train()
+    galore_groups = [g for g in trainer.optimizer.param_groups if "rank" in g]
+    assert len(galore_groups) == 1 and galore_groups[0]["rank"] == 4
+    assert [id(p) for p in galore_groups[0]["params"]] == [id(pm.get_parameter(head + ".weight"))]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses
+    after = dict(pm.named_parameters())
+    assert not torch.equal(after[head + ".weight"], before[head + ".weight"])
+    assert torch.equal(after["base_model.model.lm_head.original_module.weight"],
+                       before["base_model.model.lm_head.original_module.weight"])
+    assert any(not torch.equal(after[n], before[n]) for n in before if "lora_B" in n)
+    for n, b in pm.named_buffers():
+        if n in codes:
+            assert torch.equal(b, codes[n])
