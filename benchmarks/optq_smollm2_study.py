@@ -83,6 +83,21 @@ class Study:
         torch.save(stats, path)
         return stats
 
+    def capped_stats(self, n: int, length: int, cap: float) -> dict[str, LayerStats]:
+        """Hessians whose first-token part is scaled down to at most ``cap`` of the trace (never up)."""
+        batches = calibration_batches(self.tok, "causal-lm", "wikitext2", n, length=length)
+        full = self._grams(f"calib-{n}x{length}+0", batches)
+        first = self._grams(f"calib-{n}x{length}+0-first", _first_tokens(batches))
+        out = {}
+        for k, v in full.items():
+            f = first[k].hessian
+            assert v.hessian is not None and f is not None
+            rest = v.hessian - f
+            t_rest, t_first = float(rest.diagonal().sum()), float(f.diagonal().sum())
+            scale = min(1.0, cap * t_rest / ((1 - cap) * t_first)) if t_first > 0 else 1.0
+            out[k] = LayerStats(hessian=rest + scale * f, n_tokens=v.n_tokens)
+        return {name: out[_rep(name)] for name in self.names}
+
     def stats(self, n: int, length: int, offset: int = 0, *, drop_first: bool = False) -> dict[str, LayerStats]:
         """Calibration Hessians of every target (shared inputs point at one LayerStats).
 
@@ -281,6 +296,39 @@ def exp_full(st: Study, res: dict[str, Any]) -> None:
     run_row(st, res, "sink", "optq3 g64 sym, full H", "optq", OPTQ3, full)
 
 
+def exp_cap(st: Study, res: dict[str, Any]) -> None:
+    """First tokens kept in H but capped at a share of its trace; and the asymmetric grid on the full H."""
+    caps = [float(c) for c in (st.args.caps or "0.5").split(",")]
+    for cap in caps:
+        stats = st.capped_stats(st.args.n_calib, st.args.ctx, cap)
+        run_row(st, res, "sink", f"optq3 g64 sym, first tokens <= {cap:g} of tr H", "optq", OPTQ3, stats)
+    if st.args.asym:
+        full = st.stats(st.args.n_calib, st.args.ctx)
+        run_row(st, res, "sink", "optq3 g64 asym, full H", "optq", {**OPTQ3, "sym": False}, full)
+
+
+def exp_sinks(st: Study, res: dict[str, Any]) -> None:
+    """Share of each layer's X^T X trace carried by the windows' first tokens (no quantization)."""
+    batches = calibration_batches(st.tok, "causal-lm", "wikitext2", st.args.n_calib, length=st.args.ctx)
+    calib = st._grams(f"calib-{st.args.n_calib}x{st.args.ctx}+0", batches)
+    first = st._grams(f"calib-{st.args.n_calib}x{st.args.ctx}+0-first", _first_tokens(batches))
+    st.held_out()
+    share = {}
+    for name in st.names:
+        if name.split(".")[-1] in SHARED_INPUT:
+            continue
+        c, f = calib[name].hessian, first[name].hessian
+        assert c is not None and f is not None
+        share[name] = {
+            "calib": float(f.diagonal().sum() / c.diagonal().sum()),
+            "heldout": float(st._held_first[name].diagonal().sum() / st.held_out()[name].diagonal().sum()),
+        }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "optq_smollm2_sinks.json").write_text(json.dumps(share, indent=1))
+    for name, v in sorted(share.items(), key=lambda kv: -kv[1]["calib"])[:10]:
+        print(f"{name:40s} calib {v['calib']:.3f} held-out {v['heldout']:.3f}")
+
+
 def exp_variants(st: Study, res: dict[str, Any]) -> None:
     """OPTQ settings on the same fp Hessians (64 windows of 256 validation tokens), all layers."""
     stats = st.stats(st.args.n_calib, st.args.ctx)
@@ -311,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-calib", type=int, default=64, help="calibration windows of --ctx tokens (validation)")
     p.add_argument("--cache", default="/tmp/lqmod-optq-study")
     p.add_argument("--types", default="", help="by-type: comma-separated layer types (default all 7)")
+    p.add_argument("--caps", default="", help="cap: comma-separated first-token trace shares (default 0.5)")
+    p.add_argument("--asym", action="store_true", help="cap: also the asymmetric grid on the full H")
     p.add_argument("--only", default="", help="variants: ';'-separated labels to run (default all)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -325,6 +375,8 @@ EXPERIMENTS = {
     "baseline": exp_baseline,
     "sink": exp_sink,
     "full": exp_full,
+    "sinks": exp_sinks,
+    "cap": exp_cap,
     "by-type": exp_by_type,
     "variants": exp_variants,
 }

@@ -1,8 +1,4 @@
-"""skip_first: the first tokens of every sequence (attention sinks) left out of the Hessians.
-
-Pins the fix of issue 11: on SmolLM2 the first token of a calibration window carries up to
-99.9% of a layer's X^T X, and OPTQ calibrated on it lost to NF3 in perplexity.
-"""
+"""skip_first: the first tokens of every sequence (attention sinks) left out of the Hessians."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import torch
 from calib_helpers import captured_inputs, padded_batch
 
 from lqmod.calibration import collect_hessians
-from lqmod.calibration.command import skip_first_for
 from lqmod.calibration.sequential import quantize_model_sequential
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
@@ -87,9 +82,3 @@ def test_bad_skip_first() -> None:
 
     with pytest.raises(ValueError, match="skip_first must be >= 0"):
         HessianAccumulator({}, skip_first=-1)
-    assert skip_first_for("auto", "causal-lm") == 1
-    assert skip_first_for("auto", "encoder") == 0
-    assert skip_first_for("0", "causal-lm") == 0
-    assert skip_first_for(None, "causal-lm") == 1
-    with pytest.raises(ValueError, match="'auto' or a number of tokens >= 0, got 'x'"):
-        skip_first_for("x", "causal-lm")

@@ -68,10 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (Hessians)")
     p.add_argument(
-        "--calib-skip-first",
-        default="auto",
-        help="first tokens of each window left out of the Hessians (auto: 1 for a causal LM, whose first window "
-        "token is an attention sink; 0 otherwise)",
+        "--calib-skip-first", type=int, default=0, help="first tokens of each window left out of the Hessians"
     )
     p.add_argument(
         "--calib-cache", default=None, help="statistics cache folder for the Hessians (default $LQMOD_CACHE/stats)"
@@ -148,10 +145,10 @@ def hessian_stats(
 ) -> dict[str, Any]:
     """``X^T X`` of every target's input on the calibration text, read from / written to the stats cache."""
     from lqmod.calibration.cache import StatsCache
-    from lqmod.calibration.command import compute_stats, skip_first_for
+    from lqmod.calibration.command import compute_stats
     from lqmod.calibration.text import calibration_batches
 
-    skip_first = skip_first_for(getattr(args, "calib_skip_first", None), model_kind)
+    skip_first = int(getattr(args, "calib_skip_first", 0))
     batches = calibration_batches(tokenizer, model_kind, args.calib_text, args.n_calib, length=args.calib_seq_len)
     cache_dir = str(StatsCache(args.calib_cache).root)
     return compute_stats(model, names, batches, {"hessian"}, cache_dir=cache_dir, text=args.calib_text,

@@ -52,29 +52,15 @@ def add_quantize_options(q: argparse.ArgumentParser) -> None:
     _add_skip_first(q, "--calib-skip-first")
 
 
-SKIP_FIRST_DEFAULT = "auto"
-
-
 def _add_skip_first(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument(
         flag,
-        default=SKIP_FIRST_DEFAULT,
-        help="leave the first N tokens of every calibration window out of the Hessians (default auto: 1 for "
-        "a causal LM, whose first window token is an attention sink with massive activations; 0 otherwise)",
+        type=int,
+        default=0,
+        help="leave the first N tokens of every calibration window out of the Hessians (default 0). A causal "
+        "LM's first window token is an attention sink with massive activations; leaving it out is measured "
+        "*worse* for OPTQ on SmolLM2 (plugins/lqmod_optq/README.md): the sink's output must stay exact",
     )
-
-
-def skip_first_for(value: Any, model_kind: str) -> int:
-    """The ``--skip-first`` / ``--calib-skip-first`` value as a token count (``auto`` resolved by model kind)."""
-    if value is None or value == SKIP_FIRST_DEFAULT:
-        return 1 if model_kind == "causal-lm" else 0
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = -1
-    if n < 0:
-        raise ValueError(f"skip-first must be 'auto' or a number of tokens >= 0, got {value!r}")
-    return n
 
 
 def _targets(include: Sequence[str] | None, exclude: Sequence[str] | None) -> Any:
@@ -160,7 +146,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     batches = calibration_batches(
         tokenizer, where.kind, args.text, args.n, length=args.seq_len, batch_size=args.batch_size
     )
-    skip_first = skip_first_for(args.skip_first, where.kind)
+    skip_first = args.skip_first
     cache = StatsCache(args.cache)
     key = _stats_key(cache, model, names, batches, args.kind, skip_first)
     hit = cache.load(key) is not None
@@ -210,7 +196,7 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
         return quantize_model(model, **kwargs)
     needs = {s for name in lq.entries for s in lq.needs(name)}
     progress = not getattr(args, "no_progress", False)
-    skip_first = skip_first_for(getattr(args, "calib_skip_first", None), model_kind)
+    skip_first = int(getattr(args, "calib_skip_first", 0))
     if args.sequential:
         given = None
         if needs - {"hessian"}:
