@@ -158,7 +158,9 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             step(key)
             times[key].append(time.perf_counter() - start)
-    profiles = {}
+    profiles: dict[str, Any] = {k: None for k in models}
+    if args.checkpoint:  # timings first: a profile cut short by a time limit keeps them
+        Path(args.checkpoint).write_text(json.dumps({"times_s": times, "loads": loads}, indent=1) + "\n")
     with materialize_ranges(list(models.values())):
         for key in models:
             profiles[key] = profile_one(lambda key=key: step(key))
@@ -221,22 +223,23 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
     for m in models.values():
         m.eval()
 
-    def decode(m: nn.Module) -> torch.Tensor:
+    def decode(m: nn.Module, n: int) -> torch.Tensor:
         with torch.no_grad():
             out: torch.Tensor = m.generate(
-                **prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id,
-            )  # fmt: skip
+                **prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id
+            )
         return out
 
-    outputs = {k: decode(m) for k, m in models.items()}  # warm-up and the texts
+    for m in models.values():  # warm-up: kernel build, first-touch allocation
+        decode(m, 2)
+    outputs: dict[str, torch.Tensor] = {}
     times: dict[str, list[float]] = {k: [] for k in models}
     loads = []
     for _ in range(args.rounds):
         loads.append(_load_avg())
         for key, m in models.items():
             start = time.perf_counter()
-            decode(m)
+            outputs[key] = decode(m, args.new_tokens)
             times[key].append(time.perf_counter() - start)
     bnb_s = statistics.median(times["bnb+peft"]) if "bnb+peft" in times else None
     rows = {}
@@ -264,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed rounds (each runs every method once)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2, help="timed decode rounds")
+    ap.add_argument("--rounds", type=int, default=1, help="timed decode rounds (each decodes with every model)")
     ap.add_argument("--decode-torch", action="store_true", help="also decode with the pure-torch backend (slow)")
+    ap.add_argument("--checkpoint", help="step: write the raw timings here before profiling")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     if args.threads:
