@@ -693,7 +693,7 @@ def aggregate(settings: LMBenchSettings, out: str | os.PathLike[str]) -> dict[st
 # -- outputs -----------------------------------------------------------------------------------
 
 COLUMNS = ("row", "initializer", "bits/param", "ppl before", "ppl after", "Δ ppl", "train peak RSS Δ MiB",
-           "tokens/s", "model MiB", "build s", "status")  # fmt: skip
+           "tokens/s", "model MiB", "quantize s", "status")  # fmt: skip
 
 
 def _f(v: Any, fmt: str) -> str:
@@ -716,7 +716,7 @@ def table_cells(results: Mapping[str, Any]) -> list[list[str]]:
             r["row"], spec.get("initializer", ""), _f(r["bits_per_param"], ".3f"), _f(r["ppl_before"], ".2f"),
             _f(r["ppl_after"], ".2f"), _f(r["ppl_after"] - r["ppl_before"], "+.2f"),
             _f((r["peak_rss_delta_bytes"] or 0) / 2**20 if r["peak_rss_delta_bytes"] is not None else None, ".0f"),
-            _f(r["tokens_per_s"], ".0f"), _f(r["resident_bytes"] / 2**20, ".0f"),
+            _f(r["tokens_per_s"], ".0f" if r["tokens_per_s"] >= 100 else ".3g"), _f(r["resident_bytes"] / 2**20, ".0f"),
             _f(build_s, ".0f") + (" (cached)" if build.get("cached") else ""), "ok",
         ])  # fmt: skip
     return cells
@@ -783,6 +783,10 @@ def plot_ppl_vs_bits(results: Mapping[str, Any], path: Path) -> None:
     ax.scatter([], [], facecolors="none", edgecolors="gray", label="before finetuning")
     ax.scatter([], [], color="gray", label="after finetuning")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis_fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_fmt(ScalarFormatter())
     ax.set_xlabel("storage bits per parameter of the quantized linears (metadata included)")
     ax.set_ylabel(f"perplexity, {results['settings']['eval_tokens']} held-out tokens")
     ax.set_title(f"{results['settings']['model']}: perplexity before -> after "
