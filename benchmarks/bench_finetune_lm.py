@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated row names or shell patterns, or all (default: DEFAULT_ROWS, see --list)")
     p.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: rewrite the JSON, markdown and plots from the row files under --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     # Every setting can be overridden; an override is recorded in the results (settings.name = custom).
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         settings = replace(settings, **overrides, name=f"{settings.name}, custom")
-    run = run_benchmark(settings, args.out, rows=rows, cache=args.cache, progress=not args.no_progress,
-                        plots=not args.no_plots)
+    run = run_benchmark(settings, args.out, rows=[] if args.report_only else rows, cache=args.cache,
+                        progress=not args.no_progress, plots=not args.no_plots)
     print(f"computed {len(run.computed)} rows {run.computed}, reused {len(run.reused)}, failed {run.failed}")
     for kind, path in run.paths.items():
         print(f"wrote {kind}: {path}")

@@ -6,6 +6,7 @@ needs neither SmolLM2 nor shared/data.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,6 @@ import pytest
 import torch
 
 from lqmod.bench import finetune_lm as fl
-
-pytestmark = pytest.mark.slow
 
 ROW_KEYS = {
     "row", "status", "fingerprint", "spec", "bits_per_param", "quantized_params", "trainable_params",
@@ -46,6 +45,7 @@ def _run(settings: fl.LMBenchSettings, out: Path, cache: Path, rows: str, logs: 
     return fl.run_benchmark(settings, out, rows=fl.select_rows(rows), cache=cache, progress=False, log=logs.append)
 
 
+@pytest.mark.slow
 def test_harness_end_to_end_resumable(tiny_setup: fl.LMBenchSettings, tmp_path: Path) -> None:
     out, cache = tmp_path / "results", tmp_path / "cache"
     rows = "nf3,optq3+lq-lora,fp-lora"
@@ -106,6 +106,7 @@ def test_harness_end_to_end_resumable(tiny_setup: fl.LMBenchSettings, tmp_path: 
     assert stale == ["nf3"]
 
 
+@pytest.mark.slow
 def test_plan_and_bnb_rows(tiny_setup: fl.LMBenchSettings, tmp_path: Path, tiny_llama: torch.nn.Module) -> None:
     pytest.importorskip("scipy")
     logs: list[str] = []
@@ -138,3 +139,24 @@ def test_select_rows_and_bad_names() -> None:
     assert len(fl.ROWS) == 20 and len({r.name for r in fl.ROWS}) == 20
     assert len(fl.select_rows("all")) == 20
     assert {r.name for r in fl.select_rows(None)} == set(fl.DEFAULT_ROWS)
+
+
+def _cli() -> Any:
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_finetune_lm.py"
+    spec = importlib.util.spec_from_file_location("bench_finetune_lm", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_report_only_and_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli = _cli()
+    assert cli.main(["--rows", "nf5", "--out", str(tmp_path)]) == 2
+    assert "matches no row" in capsys.readouterr().err
+    # Nothing to compute: the summary files are written from (no) row files, no model is loaded.
+    assert cli.main(["--report-only", "--steps", "3", "--out", str(tmp_path), "--no-plots"]) == 0
+    res = json.loads((tmp_path / "finetune_lm.json").read_text())
+    assert res["rows"] == [] and res["partial"] is True and len(res["missing"]) == 20
+    assert res["settings"]["steps"] == 3 and res["settings"]["name"] == "full, custom"
+    assert "Settings: `FULL` with steps=3." in (tmp_path / "finetune_lm.md").read_text()

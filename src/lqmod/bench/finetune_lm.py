@@ -728,6 +728,11 @@ def markdown(results: Mapping[str, Any]) -> str:
     if results["partial"]:
         lines += [f"**PARTIAL**: {len(results['rows'])} of {len(ROWS)} rows; missing: "
                   f"{', '.join(results['missing'])}.", ""]
+    base = QUICK if s["name"].startswith("quick") else FULL
+    changed = {k: v for k, v in s.items() if k != "name" and base.describe().get(k) != v}
+    if changed:
+        lines += [f"Settings: `{base.name.upper()}` with " + ", ".join(f"{k}={v}" for k, v in changed.items())
+                  + ".", ""]
     lines += [f"Results by lqmod {results['lqmod_version']}.", ""]
     for k, v in results["protocol"].items():
         lines.append(f"- {k}: {v}")
