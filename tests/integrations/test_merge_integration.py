@@ -150,3 +150,9 @@ def test_plain_transformers_refuses_the_quantized_dir_and_loads_the_merged_one(t
     # transformers' own warning names the method; the placeholders then stop the load.
     assert "Unknown quantization type, got lqmod" in result.stderr
     assert "q_proj.weight" in result.stderr and "MISMATCH" in result.stderr
+
+
+def test_saving_the_base_with_adapters_injected_says_what_to_do(tmp_path: Path) -> None:
+    pm = finetuned(tmp_path)
+    with pytest.raises(ValueError, match="carry PEFT adapters"):
+        pm.get_base_model().save_pretrained(tmp_path / "wrong")

@@ -321,6 +321,13 @@ class LqmodHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        wrapped = [n for n in layer_records(model) if n.endswith(".base_layer")]
+        if wrapped:
+            raise ValueError(
+                f"{len(wrapped)} quantized layer(s) carry PEFT adapters (e.g. {wrapped[0]!r}): save the adapters "
+                "with peft_model.save_pretrained() and the base model before get_peft_model, or merge first "
+                "(peft_model.merge_and_unload(), lqmod.integrations.merge.merge_to_dense / merge_and_requantize)"
+            )
         state = model.state_dict()
         # Keep config.json's per-layer records in step with the layers (a merge may have re-quantized some).
         self.quantization_config.layers = layer_records(model)
