@@ -149,6 +149,22 @@ class QuantizedLinear(nn.Module):
             lin.bias = nn.Parameter(bias, requires_grad=False)
         return lin
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # torch's own signature
+        # ``model.to(torch.bfloat16)`` / ``.half()`` must not cast the quantized tensors: their
+        # dtypes are part of the format (a float32 scale rounded to bf16 changes every weight).
+        # They only follow device moves; a float cast changes the compute dtype (and the bias).
+        for name in self.base.names:
+            t = self.base._buffers[name]
+            assert t is not None
+            moved = fn(t)
+            if moved.dtype != t.dtype:
+                moved = t.to(moved.device)
+            self.base._buffers[name] = moved
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return super()._apply(fn, recurse=False)
+
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
