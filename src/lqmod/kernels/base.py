@@ -96,10 +96,7 @@ def select_backend(
         return REFERENCE
     # The environment variable is a process-wide preference: weights the interpreter
     # cannot run quietly keep the reference. Only the explicit argument is strict.
-    wants_triton = choice == "triton" or (
-        choice == "auto"
-        and (device.type == "cuda" or _env_wants_interpreter())
-    )
+    wants_triton = choice == "triton" or (choice == "auto" and (device.type == "cuda" or _env_wants_interpreter()))
     if not wants_triton:
         return REFERENCE
     reason = _triton_unsupported(qweight, device, lut_format)
@@ -113,9 +110,7 @@ def select_backend(
     return REFERENCE
 
 
-def _triton_unsupported(
-    qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None
-) -> str | None:
+def _triton_unsupported(qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None) -> str | None:
     from lqmod.kernels.triton import device_kind, triton_available
 
     if lut_format is None:
@@ -131,9 +126,7 @@ def _triton_unsupported(
     return TILED.unsupported(fmt, device_kind(device))
 
 
-def _native_unsupported(
-    qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None
-) -> str | None:
+def _native_unsupported(qweight: QuantizedWeight, device: torch.device, lut_format: LutFormatFn | None) -> str | None:
     if lut_format is None:
         return "the quantizer declares no lut_format"
     from lqmod.kernels.native import unavailable_reason
