@@ -83,8 +83,9 @@ class Study:
         torch.save(stats, path)
         return stats
 
-    def capped_stats(self, n: int, length: int, cap: float) -> dict[str, LayerStats]:
-        """Hessians whose first-token part is scaled down to at most ``cap`` of the trace (never up)."""
+    def capped_stats(self, n: int, length: int, cap: float, *, exact: bool = False) -> dict[str, LayerStats]:
+        """Hessians whose first-token part is scaled down to at most ``cap`` of the trace (``exact``:
+        scaled up or down to exactly ``cap``)."""
         batches = calibration_batches(self.tok, "causal-lm", "wikitext2", n, length=length)
         full = self._grams(f"calib-{n}x{length}+0", batches)
         first = self._grams(f"calib-{n}x{length}+0-first", _first_tokens(batches))
@@ -94,7 +95,9 @@ class Study:
             assert v.hessian is not None and f is not None
             rest = v.hessian - f
             t_rest, t_first = float(rest.diagonal().sum()), float(f.diagonal().sum())
-            scale = min(1.0, cap * t_rest / ((1 - cap) * t_first)) if t_first > 0 else 1.0
+            scale = cap * t_rest / ((1 - cap) * t_first) if t_first > 0 else 1.0
+            if not exact:
+                scale = min(1.0, scale)
             out[k] = LayerStats(hessian=rest + scale * f, n_tokens=v.n_tokens)
         return {name: out[_rep(name)] for name in self.names}
 
@@ -220,6 +223,18 @@ def save_results(res: dict[str, Any]) -> None:
             f"{r['ppl']:.2f} | {err.get('heldout', float('nan')):.4f} | {err.get('heldout_first', float('nan')):.4f} | "
             f"{err.get('heldout_rest', float('nan')):.4f} | {err.get('calib', float('nan')):.4f} |"
         )
+    lines += [
+        "",
+        "Held-out relative output error by layer type, windows' first tokens / all other tokens:",
+        "",
+        "| row | " + " | ".join(TYPES) + " |",
+        "|---|" + "---|" * len(TYPES),
+    ]
+    for label, r in res["rows"].items():
+        by = r.get("errors", {}).get("by_type", {})
+        if by and all("heldout_first" in by.get(t, {}) for t in TYPES):
+            cells = [f"{by[t]['heldout_first']:.3f} / {by[t]['heldout_rest']:.3f}" for t in TYPES]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     (RESULTS / "optq_smollm2_study.md").write_text("\n".join(lines) + "\n")
 
 
@@ -298,10 +313,13 @@ def exp_full(st: Study, res: dict[str, Any]) -> None:
 
 def exp_cap(st: Study, res: dict[str, Any]) -> None:
     """First tokens kept in H but capped at a share of its trace; and the asymmetric grid on the full H."""
-    caps = [float(c) for c in (st.args.caps or "0.5").split(",")]
+    caps = [float(c) for c in st.args.caps.split(",") if c]
     for cap in caps:
         stats = st.capped_stats(st.args.n_calib, st.args.ctx, cap)
         run_row(st, res, "sink", f"optq3 g64 sym, first tokens <= {cap:g} of tr H", "optq", OPTQ3, stats)
+    for share in [float(c) for c in st.args.shares.split(",") if c]:
+        stats = st.capped_stats(st.args.n_calib, st.args.ctx, share, exact=True)
+        run_row(st, res, "sink", f"optq3 g64 sym, first tokens = {share:g} of tr H", "optq", OPTQ3, stats)
     if st.args.asym:
         full = st.stats(st.args.n_calib, st.args.ctx)
         run_row(st, res, "sink", "optq3 g64 asym, full H", "optq", {**OPTQ3, "sym": False}, full)
@@ -359,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-calib", type=int, default=64, help="calibration windows of --ctx tokens (validation)")
     p.add_argument("--cache", default="/tmp/lqmod-optq-study")
     p.add_argument("--types", default="", help="by-type: comma-separated layer types (default all 7)")
-    p.add_argument("--caps", default="", help="cap: comma-separated first-token trace shares (default 0.5)")
+    p.add_argument("--caps", default="", help="cap: comma-separated first-token trace share caps")
+    p.add_argument("--shares", default="", help="cap: first-token trace shares to set exactly (up or down)")
     p.add_argument("--asym", action="store_true", help="cap: also the asymmetric grid on the full H")
     p.add_argument("--only", default="", help="variants: ';'-separated labels to run (default all)")
     args = p.parse_args(argv)
