@@ -152,9 +152,10 @@ def _rows() -> list[LMRow]:
 
 
 ROWS: list[LMRow] = _rows()
-# The rows a plain run computes: what fits in about an hour on an idle 2-core CPU at the FULL
-# settings (~3-4 min per row for evaluation and training; ~8 min more for each sequential OPTQ
-# and ~20 min for the plans' error table, shared by both budgets). The others are selected by
+# The rows a plain run computes: about an hour (estimated 60-75 min) on an idle 2-core CPU at
+# the FULL settings (~3-4 min per row for evaluation and training; ~8 min more for each
+# sequential OPTQ, ~5 for each lq-lora over NF, ~20 for the plans' error table, shared by both
+# budgets). The others are selected by
 # name (or --rows all): each OPTQ/plan row with lq-lora re-runs OPTQ up to lq_iters times per
 # layer, and the QuIP#-like quantizer takes ~10-70 s per 576 x 576 matrix on this CPU.
 DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf3+lq-lora", "nf2+lq-lora", "optq3", "optq2",
