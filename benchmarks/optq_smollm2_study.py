@@ -317,9 +317,11 @@ def exp_cap(st: Study, res: dict[str, Any]) -> None:
     for cap in caps:
         stats = st.capped_stats(st.args.n_calib, st.args.ctx, cap)
         run_row(st, res, "sink", f"optq3 g64 sym, first tokens <= {cap:g} of tr H", "optq", OPTQ3, stats)
+    grid = "asym" if st.args.share_asym else "sym"
     for share in [float(c) for c in st.args.shares.split(",") if c]:
         stats = st.capped_stats(st.args.n_calib, st.args.ctx, share, exact=True)
-        run_row(st, res, "sink", f"optq3 g64 sym, first tokens = {share:g} of tr H", "optq", OPTQ3, stats)
+        cfg = {**OPTQ3, "sym": not st.args.share_asym}
+        run_row(st, res, "sink", f"optq3 g64 {grid}, first tokens = {share:g} of tr H", "optq", cfg, stats)
     if st.args.asym:
         full = st.stats(st.args.n_calib, st.args.ctx)
         run_row(st, res, "sink", "optq3 g64 asym, full H", "optq", {**OPTQ3, "sym": False}, full)
@@ -379,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--types", default="", help="by-type: comma-separated layer types (default all 7)")
     p.add_argument("--caps", default="", help="cap: comma-separated first-token trace share caps")
     p.add_argument("--shares", default="", help="cap: first-token trace shares to set exactly (up or down)")
+    p.add_argument("--share-asym", action="store_true", help="cap: the --shares rows on the asymmetric grid")
     p.add_argument("--asym", action="store_true", help="cap: also the asymmetric grid on the full H")
     p.add_argument("--only", default="", help="variants: ';'-separated labels to run (default all)")
     args = p.parse_args(argv)
