@@ -11,6 +11,10 @@ embeddings to the fp32 model's.
     python benchmarks/plan_output_error.py --budget 3.25
 
 Writes benchmarks/results/plan_output_error_minilm.json and .md.
+
+Cost: each table quantizes every option of every matrix (the two measures are cached apart);
+on the 2 shared CPU cores of issue 11's session the frobenius table alone took 1589 s, and the
+run was stopped before the output table, so no result is committed yet.
 """
 
 from __future__ import annotations
