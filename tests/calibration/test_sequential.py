@@ -211,3 +211,29 @@ def test_toy_without_needs_equals_quantize_model() -> None:
         assert torch.equal(a(x), b(x))
     for (_, la), (_, lb) in zip(iter_lora_layers(a), iter_lora_layers(b), strict=True):
         assert torch.equal(la.lora_A, lb.lora_A)
+
+
+def test_a_failure_part_way_leaves_the_model_unchanged(
+    tiny_llama: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lqmod.model import LayerQuantizer
+
+    before = {n: t.clone() for n, t in tiny_llama.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in tiny_llama.named_parameters()}
+    real_build, calls = LayerQuantizer.build, [0]
+
+    def fail_at_the_ninth(self: LayerQuantizer, name: str, stats: object) -> object:
+        calls[0] += 1
+        if calls[0] == 9:  # in the second block: the first block's layers are already swapped in
+            raise RuntimeError("quantizer failed")
+        return real_build(self, name, stats)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LayerQuantizer, "build", fail_at_the_ninth)
+    with pytest.raises(RuntimeError, match="quantizer failed"):
+        quantize_model_sequential(tiny_llama, "nf", {"blocksize": 32}, lora={"r": 4}, batches=[padded_batch()],
+                                  registry=_registry(), progress=False)
+    assert calls[0] == 9
+    assert not list(iter_lora_layers(tiny_llama))
+    after = tiny_llama.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())
+    assert {n: p.requires_grad for n, p in tiny_llama.named_parameters()} == grads

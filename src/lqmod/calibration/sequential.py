@@ -258,19 +258,26 @@ def quantize_model_sequential(
     key = _cache_key(cache, model, lq, batches, seed, skip_first) if cache is not None else None
     cached = cache.load(key) if cache is not None and key is not None else None
     manifest = cache.manifest(key) if cached is not None and cache is not None and key is not None else None
-    lq.freeze()
-    if cached is not None and manifest is not None and sorted(manifest["meta"].get("order", [])) == sorted(lq.entries):
-        order = list(manifest["meta"]["order"])
-        reports = {
-            name: lq.quantize(name, _merge(given.get(name), cached.get(name)))
-            for name in tqdm(order, desc="quantizing (cached)", unit="layer", disable=not progress)
-        }
-    else:
-        reports, gathered, order = _sequential(
-            model, lq, batches, given, keep=cache is not None, progress=progress, skip_first=skip_first
-        )
-        if cache is not None and key is not None:
-            cache.save(key, gathered, meta={"kind": "hessian-sequential", "order": order})
+    # Layers are swapped in as the blocks go (later blocks must see the quantized outputs),
+    # so a failure part-way undoes every swap: the model is never left half converted.
+    try:
+        lq.freeze()
+        same_layers = manifest is not None and sorted(manifest["meta"].get("order", [])) == sorted(lq.entries)
+        if cached is not None and same_layers:
+            order = list(manifest["meta"]["order"])  # type: ignore[index]
+            reports = {
+                name: lq.quantize(name, _merge(given.get(name), cached.get(name)))
+                for name in tqdm(order, desc="quantizing (cached)", unit="layer", disable=not progress)
+            }
+        else:
+            reports, gathered, order = _sequential(
+                model, lq, batches, given, keep=cache is not None, progress=progress, skip_first=skip_first
+            )
+            if cache is not None and key is not None:
+                cache.save(key, gathered, meta={"kind": "hessian-sequential", "order": order})
+    except BaseException:
+        lq.rollback()
+        raise
     report = QuantizeReport()
     report.layers = [reports[n] for n in lq.entries]
     return report
