@@ -143,23 +143,24 @@ def _resolve_entries(
     return {n: PlanEntry(quantizer=quantizer, config=cfg) for n in chosen}
 
 
-def missing_stats_message(name: str, quantizer: str, missing: Sequence[str]) -> str:
-    """The error for a layer whose quantizer needs statistics nobody supplied: what and how."""
+def missing_stats_message(name: str, quantizer: str, missing: Sequence[str], *, initializer: str | None = None) -> str:
+    """The error for a layer whose quantizer (or LoRA initializer) needs statistics nobody supplied: what and how."""
     how = {
         "hessian": "lqmod.calibration.collect_hessians(model, names, batches)",
         "fisher": "lqmod.calibration.fisher_stats(lqmod.calibration.diagonal_fisher(model, names, batches))",
     }
+    who = f"quantizer {quantizer!r}" if initializer is None else f"LoRA initializer {initializer!r}"
     recipes = "; ".join(f"{m!r}: {how.get(m, 'a LayerStats field ' + repr(m))}" for m in missing)
     return (
-        f"layer {name!r}: quantizer {quantizer!r} needs calibration statistics {list(missing)} that were not "
+        f"layer {name!r}: {who} needs calibration statistics {list(missing)} that were not "
         f"supplied for this layer. Compute them on real text and pass stats={{name: LayerStats}} to "
         f"quantize_model ({recipes}), or call lqmod.calibration.quantize_model_sequential(..., batches=...) "
         "for Hessians; on the command line add --calib-text wikitext2 --n-calib N"
     )
 
 
-def _missing_stats(spec: QuantizerSpec, layer_stats: LayerStats | None) -> list[str]:
-    return [s for s in sorted(spec.needs) if layer_stats is None or getattr(layer_stats, s, None) is None]
+def _missing_stats(needs: frozenset[str], layer_stats: LayerStats | None) -> list[str]:
+    return [s for s in sorted(needs) if layer_stats is None or getattr(layer_stats, s, None) is None]
 
 
 class LayerQuantizer:
@@ -204,14 +205,20 @@ class LayerQuantizer:
         self._requires_grad: dict[nn.Parameter, bool] = {}
 
     def needs(self, name: str) -> frozenset[str]:
-        return self.specs[name].needs
+        """Statistics layer ``name`` needs: its quantizer's and the LoRA initializer's."""
+        return self.specs[name].needs | self.init_spec.needs
+
+    def _missing_message(self, name: str, missing: Sequence[str]) -> str:
+        # Name the initializer when it, not the quantizer, asks for a missing statistic.
+        by_init = None if set(missing) <= self.specs[name].needs else self.init_spec.name
+        return missing_stats_message(name, self.specs[name].name, missing, initializer=by_init)
 
     def check_stats(self, stats: Mapping[str, LayerStats] | None, names: Sequence[str] | None = None) -> None:
         """Raise a clear error naming the first layer whose quantizer lacks the statistics it needs."""
         for name in self.entries if names is None else names:
-            missing = _missing_stats(self.specs[name], stats.get(name) if stats else None)
+            missing = _missing_stats(self.needs(name), stats.get(name) if stats else None)
             if missing:
-                raise QuantizationError(missing_stats_message(name, self.specs[name].name, missing))
+                raise QuantizationError(self._missing_message(name, missing))
 
     def freeze(self) -> None:
         """Freeze every parameter, remembering the flags so :meth:`rollback` can restore them."""
@@ -223,9 +230,9 @@ class LayerQuantizer:
         """Quantize layer ``name`` and attach its adapters, *without* touching the model."""
         model, spec = self.model, self.specs[name]
         module = model.get_submodule(name)
-        missing = _missing_stats(spec, layer_stats)
+        missing = _missing_stats(self.needs(name), layer_stats)
         if missing:
-            raise QuantizationError(missing_stats_message(name, spec.name, missing))
+            raise QuantizationError(self._missing_message(name, missing))
         weight = _dense_weight(module)
         qweight = quantize_weight(
             spec, weight, self.entries[name].config, layer_stats, name=name, check_finite=False

@@ -290,12 +290,18 @@ class InitFn(Protocol):
 
 @dataclass(frozen=True)
 class InitializerSpec:
-    """A LoRA initializer registration. ``initialize`` is called once per adapted layer."""
+    """A LoRA initializer registration. ``initialize`` is called once per adapted layer.
+
+    ``needs`` names the calibration statistics ``initialize`` requires (``"hessian"``,
+    ``"fisher"``), exactly like :attr:`QuantizerSpec.needs`: ``quantize_model`` refuses a
+    layer lacking them before touching the model, and the calibration drivers gather them.
+    """
 
     name: str
     config_model: type[InitializerConfig]
     initialize: InitFn
     description: str = ""
+    needs: frozenset[str] = frozenset()
 
 
 class Candidate(NamedTuple):
