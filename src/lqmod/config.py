@@ -2,7 +2,8 @@
 
 Every config is frozen data with ``extra="forbid"`` so a typo in a field name is an error
 that names the field, not a silently ignored setting. Quantizer plug-ins subclass
-:class:`QuantizerConfig`; initializer plug-ins subclass :class:`InitializerConfig`.
+:class:`QuantizerConfig`; initializer plug-ins subclass :class:`InitializerConfig`; adapter
+variants subclass :class:`AdapterConfig`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "AdapterConfig",
     "ConfigError",
     "FrozenModel",
     "InitializerConfig",
@@ -46,6 +48,12 @@ class InitializerConfig(FrozenModel):
     version: int = CONFIG_VERSION
 
 
+class AdapterConfig(FrozenModel):
+    """Base of every adapter variant's own options (``LoRAConfig.adapter_config``)."""
+
+    version: int = CONFIG_VERSION
+
+
 class LoRAConfig(FrozenModel):
     """The adapter hyper-parameters shared by every quantizer."""
 
@@ -55,6 +63,8 @@ class LoRAConfig(FrozenModel):
     train_bias: bool = False
     initializer: str = "default"
     initializer_config: dict[str, Any] = Field(default_factory=dict)
+    adapter: str = Field("lora", description="registered adapter variant (lqmod plugins lists them)")
+    adapter_config: dict[str, Any] = Field(default_factory=dict, description="that variant's own options")
     materialize_in_backward: bool = Field(
         True,
         description="re-materialize the base weight in backward instead of saving it "

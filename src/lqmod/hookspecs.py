@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import pluggy
 
-from lqmod.types import AllocatorSpec, InitializerSpec, QuantizerSpec
+from lqmod.types import AdapterSpec, AllocatorSpec, InitializerSpec, QuantizerSpec
 
 hookspec = pluggy.HookspecMarker("lqmod")
 
@@ -92,6 +92,48 @@ def lqmod_initializers() -> Iterable[InitializerSpec]:  # type: ignore[empty-bod
                 a = torch.randn(lora.r, in_f, generator=generator) / in_f ** 0.5
                 return InitResult(a, torch.zeros(out_f, lora.r))
             yield InitializerSpec("tiny", InitializerConfig, init)
+    """
+
+
+# -- phase 2b: adapter variants ----------------------------------------------------------
+
+
+@hookspec
+def lqmod_adapters() -> Iterable[AdapterSpec]:  # type: ignore[empty-body]
+    """Register adapter variants: the trainable module beside a frozen quantized base.
+
+    ``LoRAConfig.adapter`` names the variant (``"lora"`` by default) and
+    ``LoRAConfig.adapter_config`` its options; checkpoints record it per layer. An adapter
+    subclasses :class:`lqmod.nn.adapter.Adapter`: ``forward(x, base_out, base)`` gets the
+    base's output ``x W^T`` (no bias; ``base`` can materialize ``W`` again, e.g. for a norm)
+    and returns the adapted output; ``merged_weight(weight)`` is the dense equivalent, used
+    for merging, export and the contract suite (:class:`lqmod.testing.AdapterContract`).
+
+    Example (LoRA whose update is scaled by one extra learnable scalar)::
+
+        import torch
+        from torch import nn
+        import lqmod
+        from lqmod.config import AdapterConfig
+        from lqmod.nn.adapter import Adapter
+        from lqmod.types import AdapterSpec
+
+        class Gated(Adapter):
+            def __init__(self, lora, lora_a, lora_b):
+                super().__init__(lora, lora_a, lora_b)
+                self.gate = nn.Parameter(torch.ones(1))
+
+            def forward(self, x, base_out, base):
+                return base_out + self.gate * self.lora_update(x).to(base_out.dtype)
+
+            def merged_weight(self, weight):
+                return weight + self.gate * self.scaling * (self.lora_B @ self.lora_A).to(weight.dtype)
+
+        @lqmod.hookimpl
+        def lqmod_adapters():
+            def build(*, base, lora, config, lora_a, lora_b):
+                return Gated(lora, lora_a, lora_b)
+            yield AdapterSpec("gated", AdapterConfig, build, description="LoRA times a learnable gate")
     """
 
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import pluggy
 
 from lqmod import hookspecs
-from lqmod.types import AllocatorSpec, InitializerSpec, QuantizerSpec
+from lqmod.types import AdapterSpec, AllocatorSpec, InitializerSpec, QuantizerSpec
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -43,7 +43,7 @@ ENTRY_POINT_GROUP = "lqmod"
 AUTOLOAD_ENV = "LQMOD_DISABLE_PLUGIN_AUTOLOAD"
 DISABLE_ENV = "LQMOD_DISABLE_PLUGINS"
 
-S = TypeVar("S", QuantizerSpec, InitializerSpec, AllocatorSpec)
+S = TypeVar("S", QuantizerSpec, InitializerSpec, AllocatorSpec, AdapterSpec)
 
 
 class PluginClashError(RuntimeError):
@@ -70,6 +70,7 @@ _SPEC_TYPES: dict[str, type] = {
     "lqmod_quantizers": QuantizerSpec,
     "lqmod_initializers": InitializerSpec,
     "lqmod_allocators": AllocatorSpec,
+    "lqmod_adapters": AdapterSpec,
 }
 
 
@@ -252,6 +253,9 @@ class Registry:
     def allocators(self) -> dict[str, AllocatorSpec]:
         return dict(self._collect("lqmod_allocators", "allocator"))
 
+    def adapters(self) -> dict[str, AdapterSpec]:
+        return dict(self._collect("lqmod_adapters", "adapter"))
+
     def quantizer(self, name: str) -> QuantizerSpec:
         spec: QuantizerSpec = self._get("lqmod_quantizers", "quantizer", name)
         return spec
@@ -262,6 +266,10 @@ class Registry:
 
     def allocator(self, name: str) -> AllocatorSpec:
         spec: AllocatorSpec = self._get("lqmod_allocators", "allocator", name)
+        return spec
+
+    def adapter(self, name: str) -> AdapterSpec:
+        spec: AdapterSpec = self._get("lqmod_adapters", "adapter", name)
         return spec
 
     def origin(self, kind_hook: str, name: str) -> str:
@@ -275,6 +283,7 @@ class Registry:
             ("quantizer", "lqmod_quantizers", self.quantizers),
             ("initializer", "lqmod_initializers", self.initializers),
             ("allocator", "lqmod_allocators", self.allocators),
+            ("adapter", "lqmod_adapters", self.adapters),
         )
         for kind, hook, get in kinds:
             for name, spec in sorted(get().items()):
