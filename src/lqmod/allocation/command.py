@@ -32,6 +32,8 @@ cache (--calib-cache, as `lqmod calibrate` and `lqmod quantize --calib-cache` us
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lqmod.calibration.command import add_sink_options
+
     p = subparsers.add_parser(
         "plan",
         help="choose a quantizer and config per matrix under a storage budget (error table + allocator)",
@@ -67,9 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the error measure (implied by --error output)",
     )
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (Hessians)")
-    p.add_argument(
-        "--calib-skip-first", type=int, default=0, help="first tokens of each window left out of the Hessians"
-    )
+    add_sink_options(p, "calib-")
     p.add_argument(
         "--calib-cache", default=None, help="statistics cache folder for the Hessians (default $LQMOD_CACHE/stats)"
     )
@@ -145,14 +145,14 @@ def hessian_stats(
 ) -> dict[str, Any]:
     """``X^T X`` of every target's input on the calibration text, read from / written to the stats cache."""
     from lqmod.calibration.cache import StatsCache
-    from lqmod.calibration.command import compute_stats
+    from lqmod.calibration.command import compute_stats, sink_from_args
     from lqmod.calibration.text import calibration_batches
 
-    skip_first = int(getattr(args, "calib_skip_first", 0))
+    sink = sink_from_args(args)
     batches = calibration_batches(tokenizer, model_kind, args.calib_text, args.n_calib, length=args.calib_seq_len)
     cache_dir = str(StatsCache(args.calib_cache).root)
     return compute_stats(model, names, batches, {"hessian"}, cache_dir=cache_dir, text=args.calib_text,
-                         progress=progress, skip_first=skip_first)
+                         progress=progress, sink=sink)
 
 
 def run_command(args: argparse.Namespace) -> int:

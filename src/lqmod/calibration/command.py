@@ -9,9 +9,13 @@ from typing import Any
 
 from torch import nn
 
+from lqmod.calibration.sinks import SinkWeighting, parse_sink_share
 from lqmod.types import LayerStats
 
-__all__ = ["add_quantize_options", "compute_stats", "quantize_with_calibration", "register", "stats_for_quantize"]
+__all__ = [
+    "add_quantize_options", "compute_stats", "quantize_with_calibration", "register", "sink_from_args",
+    "stats_for_quantize",
+]
 
 KINDS = ("hessian", "fisher")
 
@@ -30,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, default="hessian")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (causal LM)")
     p.add_argument("--batch-size", type=int, default=8, help="sentences per batch (encoder)")
-    _add_skip_first(p, "--skip-first")
+    add_sink_options(p, "")
     p.add_argument("--cache", default=None, help="cache folder (default: $LQMOD_CACHE or ~/.cache/lqmod/stats)")
     p.add_argument("--include", nargs="*", help="regexes of module names (default: every linear but heads)")
     p.add_argument("--exclude", nargs="*", help="regexes of module names to leave out")
@@ -49,18 +53,45 @@ def add_quantize_options(q: argparse.ArgumentParser) -> None:
         help="GPTQ-style: quantize block by block, each block's Hessians taken on the quantized blocks' outputs",
     )
     q.add_argument("--calib-cache", default=None, help="statistics cache folder to read and fill")
-    _add_skip_first(q, "--calib-skip-first")
+    add_sink_options(q, "calib-")
 
 
-def _add_skip_first(p: argparse.ArgumentParser, flag: str) -> None:
+def add_sink_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """``--{prefix}sink-share``, ``--{prefix}sink-tokens`` and ``--{prefix}skip-first``."""
     p.add_argument(
-        flag,
+        f"--{prefix}sink-share",
+        type=parse_sink_share,
+        default=None,
+        metavar="S",
+        help="re-weight the first --sink-tokens tokens of every calibration window (a causal LM's attention "
+        "sink) to carry S of each layer's tr(X^T X), e.g. 0.5; 'none' (default) keeps the natural weights. "
+        "Measured on SmolLM2, OPTQ-3 needs 0.5 to beat NF3 (plugins/lqmod_optq/README.md)",
+    )
+    p.add_argument(f"--{prefix}sink-tokens", type=int, default=1, metavar="K",
+                   help="tokens at the start of each window that --sink-share re-weights (default 1)")
+    p.add_argument(
+        f"--{prefix}skip-first",
         type=int,
         default=0,
-        help="leave the first N tokens of every calibration window out of the Hessians (default 0). A causal "
-        "LM's first window token is an attention sink with massive activations; leaving it out is measured "
-        "*worse* for OPTQ on SmolLM2 (plugins/lqmod_optq/README.md): the sink's output must stay exact",
+        help="leave the first N tokens of every calibration window out of the Hessians (default 0; the same as "
+        "--sink-share 0 --sink-tokens N). Measured *worse* for OPTQ on SmolLM2: the sink's output must stay exact",
     )
+
+
+def sink_from_args(args: argparse.Namespace, prefix: str = "calib_") -> SinkWeighting | None:
+    """The sink weighting the ``add_sink_options`` flags ask for (None: natural weights)."""
+    skip = int(getattr(args, f"{prefix}skip_first", 0) or 0)
+    share = getattr(args, f"{prefix}sink_share", None)
+    tokens = int(getattr(args, f"{prefix}sink_tokens", 1) or 1)
+    if skip and share is not None:
+        raise ValueError(
+            "give --skip-first or --sink-share, not both (--skip-first N is --sink-share 0 --sink-tokens N)"
+        )
+    if skip < 0 or tokens < 1:
+        raise ValueError(f"--skip-first must be >= 0 and --sink-tokens >= 1, got {skip} and {tokens}")
+    if skip:
+        return SinkWeighting(tokens=skip, share=0.0)
+    return None if share is None else SinkWeighting(tokens=tokens, share=share)
 
 
 def _targets(include: Sequence[str] | None, exclude: Sequence[str] | None) -> Any:
@@ -80,11 +111,12 @@ def compute_stats(
     cache_dir: str | None = None,
     text: str = "",
     progress: bool = True,
-    skip_first: int = 0,
+    sink: SinkWeighting | None = None,
 ) -> dict[str, LayerStats]:
     """Hessians and/or a Fisher of ``names``, through the cache when ``cache_dir`` is given.
 
-    ``skip_first`` leaves the first tokens of every sequence out of the Hessians (not the Fisher).
+    ``sink`` re-weights (or leaves out) the first tokens of every sequence in the Hessians,
+    not in the Fisher.
     """
     from lqmod.calibration.cache import StatsCache
     from lqmod.calibration.fisher import diagonal_fisher, fisher_stats
@@ -98,13 +130,13 @@ def compute_stats(
     for kind in sorted(kinds):
         def compute(kind: str = kind) -> dict[str, LayerStats]:
             if kind == "hessian":
-                return collect_hessians(model, names, batches, progress=progress, skip_first=skip_first)
+                return collect_hessians(model, names, batches, progress=progress, sink=sink)
             return fisher_stats(diagonal_fisher(model, names, batches, progress=progress))
 
         if cache is None:
             got = compute()
         else:
-            key = _stats_key(cache, model, names, batches, kind, skip_first)
+            key = _stats_key(cache, model, names, batches, kind, sink)
             loaded = cache.load(key)
             if loaded is None:
                 got = compute()
@@ -123,9 +155,9 @@ def compute_stats(
 
 
 def _stats_key(cache: Any, model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]], kind: str,
-               skip_first: int) -> str:
-    # Keys without skip_first stay those of earlier versions (their entries stay valid).
-    extra = {"skip_first": skip_first} if kind == "hessian" and skip_first else {}
+               sink: SinkWeighting | None) -> str:
+    # Keys with natural weights stay those of earlier versions (their entries stay valid).
+    extra = sink.cache_extra() if kind == "hessian" and sink is not None else {}
     return str(cache.key(model, names, batches, kind, **extra))
 
 
@@ -146,12 +178,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     batches = calibration_batches(
         tokenizer, where.kind, args.text, args.n, length=args.seq_len, batch_size=args.batch_size
     )
-    skip_first = args.skip_first
+    sink = sink_from_args(args, "")
     cache = StatsCache(args.cache)
-    key = _stats_key(cache, model, names, batches, args.kind, skip_first)
+    key = _stats_key(cache, model, names, batches, args.kind, sink)
     hit = cache.load(key) is not None
     stats = compute_stats(model, names, batches, {args.kind}, cache_dir=str(cache.root), text=args.text,
-                          progress=not args.no_progress, skip_first=skip_first)
+                          progress=not args.no_progress, sink=sink)
     table = Table(title=f"{args.kind} of {len(stats)} layers, {where.name}, {args.text} (n={args.n})")
     for col in ("layer", "shape", "tokens", "mean diag" if args.kind == "hessian" else "mean fisher", "max"):
         table.add_column(col)
@@ -196,7 +228,7 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
         return quantize_model(model, **kwargs)
     needs = {s for name in lq.entries for s in lq.needs(name)}
     progress = not getattr(args, "no_progress", False)
-    skip_first = int(getattr(args, "calib_skip_first", 0))
+    sink = sink_from_args(args)
     if args.sequential:
         given = None
         if needs - {"hessian"}:
@@ -204,8 +236,8 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
                                   text=args.calib_text, progress=progress)
         cache = StatsCache(args.calib_cache) if args.calib_cache else None
         return quantize_model_sequential(model, batches=batches, stats=given, cache=cache, progress=progress,
-                                         skip_first=skip_first, **kwargs)
+                                         sink=sink, **kwargs)
     stats = compute_stats(model, list(lq.entries), batches, needs, cache_dir=args.calib_cache, text=args.calib_text,
-                          progress=progress, skip_first=skip_first)
+                          progress=progress, sink=sink)
     return quantize_model(model, stats=stats, **kwargs)
 

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lqmod.calibration.cache import StatsCache
-from lqmod.calibration.hessian import HessianAccumulator, collect_hessians
+from lqmod.calibration.hessian import HessianAccumulator, collect_hessians, resolve_sink
+from lqmod.calibration.sinks import SinkWeighting
 from lqmod.config import LoRAConfig, Plan, TargetConfig
 from lqmod.model import LayerQuantizer, QuantizeReport
 from lqmod.plugins import Registry
@@ -174,9 +175,9 @@ def _gather(
     inputs: Sequence[BlockInput],
     masks: Sequence[torch.Tensor | None],
     last: str,
-    skip_first: int = 0,
+    sink: SinkWeighting | None = None,
 ) -> dict[str, LayerStats]:
-    acc = HessianAccumulator({n: block.get_submodule(members[n]) for n in names}, skip_first=skip_first)
+    acc = HessianAccumulator({n: block.get_submodule(members[n]) for n in names}, sink=sink)
 
     def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
         raise _Stop
@@ -200,10 +201,10 @@ def _cache_key(
     lq: LayerQuantizer,
     batches: Sequence[Mapping[str, Any]],
     seed: int,
-    skip_first: int = 0,
+    sink: SinkWeighting | None = None,
 ) -> str:
     plan = {n: {"quantizer": e.quantizer, "config": e.config} for n, e in lq.entries.items()}
-    extra: dict[str, Any] = {"skip_first": skip_first} if skip_first else {}  # old keys stay valid
+    extra: dict[str, Any] = sink.cache_extra() if sink is not None else {}  # old keys stay valid
     return cache.key(
         model, list(lq.entries), batches, "hessian-sequential", plan=plan, lora=lq.lora_cfg.model_dump(), seed=seed,
         **extra,
@@ -225,6 +226,7 @@ def quantize_model_sequential(
     cache: StatsCache | None = None,
     stats: Mapping[str, LayerStats] | None = None,
     skip_first: int = 0,
+    sink: SinkWeighting | None = None,
 ) -> QuantizeReport:
     """Quantize ``model`` in place block by block, each block's Hessians taken on quantized inputs.
 
@@ -236,11 +238,12 @@ def quantize_model_sequential(
     sequential Hessians). Targets outside the block list are quantized last, on Hessians of
     a normal pass through the then-quantized model. With ``cache``, the Hessians and the
     quantization order are stored, and a later identical call (same weights, text, plan,
-    LoRA config, seed) reuses them without any forward pass. ``skip_first`` leaves the first
-    tokens of every sequence out of the Hessians (attention sinks: see
-    :mod:`lqmod.calibration.hessian`). Returns the same report as ``quantize_model``, layers in
+    LoRA config, seed) reuses them without any forward pass. ``sink`` re-weights the first
+    tokens of every sequence in the Hessians and ``skip_first=k`` leaves them out (attention
+    sinks: see :mod:`lqmod.calibration.sinks`). Returns the same report as ``quantize_model``, layers in
     module order.
     """
+    sink = resolve_sink(sink, skip_first)
     lq = LayerQuantizer(model, quantizer, config, lora=lora, targets=targets, plan=plan, registry=registry, seed=seed)
     batches = list(batches)
     if not batches:
@@ -255,7 +258,7 @@ def quantize_model_sequential(
                 "with lqmod.calibration.diagonal_fisher(model, names, batches) and pass "
                 "stats=lqmod.calibration.fisher_stats(fisher) to quantize_model_sequential or quantize_model"
             )
-    key = _cache_key(cache, model, lq, batches, seed, skip_first) if cache is not None else None
+    key = _cache_key(cache, model, lq, batches, seed, sink) if cache is not None else None
     cached = cache.load(key) if cache is not None and key is not None else None
     manifest = cache.manifest(key) if cached is not None and cache is not None and key is not None else None
     # Layers are swapped in as the blocks go (later blocks must see the quantized outputs),
@@ -271,7 +274,7 @@ def quantize_model_sequential(
             }
         else:
             reports, gathered, order = _sequential(
-                model, lq, batches, given, keep=cache is not None, progress=progress, skip_first=skip_first
+                model, lq, batches, given, keep=cache is not None, progress=progress, sink=sink
             )
             if cache is not None and key is not None:
                 cache.save(key, gathered, meta={"kind": "hessian-sequential", "order": order})
@@ -300,7 +303,7 @@ def _sequential(
     *,
     keep: bool,
     progress: bool,
-    skip_first: int = 0,
+    sink: SinkWeighting | None = None,
 ) -> tuple[dict[str, Any], dict[str, LayerStats], list[str]]:
     """The block loop: (reports by name, gathered Hessian stats if ``keep``, quantization order)."""
     names = list(lq.entries)
@@ -337,7 +340,7 @@ def _sequential(
     def outside_pass(which: list[str]) -> None:
         want = [n for n in which if n in needs_h]
         if want:
-            gathered.update(collect_hessians(model, want, batches, progress=False, skip_first=skip_first))
+            gathered.update(collect_hessians(model, want, batches, progress=False, sink=sink))
         for name in which:
             quantize(name)
 
@@ -357,7 +360,7 @@ def _sequential(
                     want = [n for n in stage if n in needs_h]
                     if want:
                         gathered.update(
-                            _gather(block, members, want, inputs, masks, last=want[-1], skip_first=skip_first)
+                            _gather(block, members, want, inputs, masks, last=want[-1], sink=sink)
                         )
                     for name in sorted(stage, key=names.index):
                         quantize(name)
