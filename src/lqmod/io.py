@@ -50,9 +50,12 @@ from lqmod.types import QuantizedWeight
 
 __all__ = [
     "CheckpointError",
+    "TensorSpool",
     "atomic_dir",
+    "checkpoint_manifest",
     "dequantized_copy",
     "export_peft",
+    "finish_checkpoint",
     "load_checkpoint",
     "read_manifest",
     "recover_interrupted_save",
@@ -378,31 +381,149 @@ def save_checkpoint(
     if len(lora_cfgs) != 1:
         raise ValueError("all adapted layers must share one LoRA config to be saved together")
     tensors, aliases = _unique_state(model)
-    manifest: dict[str, Any] = {
+    manifest = checkpoint_manifest(
+        model,
+        next(iter(lora_cfgs)),
+        {name: layer_header(m) for name, m in layers.items()},
+        aliases,
+        extra,
+    )
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        write_safetensors(tensors, tmp / TENSORS, metadata=TENSOR_METADATA)
+        finish_checkpoint(tmp, manifest)
+    return Path(path)
+
+
+TENSOR_METADATA = {"format": "pt", "lqmod": FORMAT}
+
+
+def layer_header(m: LoRALinear) -> dict[str, Any]:
+    """What the manifest records of one quantized layer."""
+    return {**m.base.header, "bias": m.bias is not None, "origin": m.origin}
+
+
+def checkpoint_manifest(
+    model: nn.Module,
+    lora_json: str,
+    layers: Mapping[str, dict[str, Any]],
+    aliases: Mapping[str, str],
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest of a checkpoint of ``model`` before its file hashes (see :func:`finish_checkpoint`).
+
+    ``model`` only gives its class and config: a skeleton on the meta device will do.
+    """
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "lqmod_version": _lqmod_version(),
         "model": _model_info(model),
-        "lora": json.loads(next(iter(lora_cfgs))),
-        "layers": {
-            name: {**m.base.header, "bias": m.bias is not None, "origin": m.origin}
-            for name, m in layers.items()
-        },
-        "aliases": aliases,
+        "lora": json.loads(lora_json),
+        "layers": dict(layers),
+        "aliases": dict(aliases),
         "extra": extra or {},
     }
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        write_safetensors(tensors, tmp / TENSORS, metadata={"format": "pt", "lqmod": FORMAT})
-        manifest["files"] = {TENSORS: {"sha256": _sha256(tmp / TENSORS), "bytes": (tmp / TENSORS).stat().st_size}}
-        # Hash the manifest as a reader will see it (tuples become lists, keys strings ...).
-        body = json.loads(json.dumps(manifest))
-        manifest["integrity"] = {
-            "algorithm": "sha256",
-            "layers": {name: _digest(header) for name, header in body["layers"].items()},
-            "manifest": _digest(body),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return Path(path)
+
+
+def finish_checkpoint(tmp: Path, manifest: dict[str, Any], *, tensors_sha256: str | None = None) -> None:
+    """Hash ``tmp/model.safetensors`` into ``manifest``, add the integrity record, write ``lqmod.json``.
+
+    ``tmp`` is the directory :func:`atomic_dir` yields; ``tensors_sha256`` spares re-reading
+    a tensor file whose hash the writer computed as it went.
+    """
+    tfile = tmp / TENSORS
+    manifest["files"] = {TENSORS: {"sha256": tensors_sha256 or _sha256(tfile), "bytes": tfile.stat().st_size}}
+    # Hash the manifest as a reader will see it (tuples become lists, keys strings ...).
+    body = json.loads(json.dumps(manifest))
+    manifest["integrity"] = {
+        "algorithm": "sha256",
+        "layers": {name: _digest(header) for name, header in body["layers"].items()},
+        "manifest": _digest(body),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+class TensorSpool:
+    """Tensors written to disk as they are made, assembled into one safetensors file at the end.
+
+    A model too large for memory is saved this way: each tensor is appended to a spool file
+    and dropped; :meth:`assemble` then copies the bytes into ``model.safetensors`` in the
+    order and with the header :func:`write_safetensors` gives the same tensors held in
+    memory, so both paths write byte-identical files. Memory: one tensor at a time, then a
+    copy buffer; disk: the spool beside the result until it is assembled.
+    """
+
+    _CHUNK = 1 << 24
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fh = self.path.open("wb")
+        self._index: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        self._offset = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._index:
+            raise ValueError(f"tensor {name!r} was already written to the spool")
+        t = tensor.detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        self._fh.write(raw.numpy().tobytes() if raw.numel() < self._CHUNK else raw.numpy().data)
+        self._index[name] = (t.dtype, tuple(t.shape), self._offset, int(raw.numel()))
+        self._offset += int(raw.numel())
+
+    def _layout(self) -> tuple[list[str], dict[str, str]]:
+        """safetensors' own order of the tensors and its dtype names, asked of safetensors itself
+        (one-element stand-ins, so it costs nothing) rather than re-implemented."""
+        from safetensors.torch import save
+
+        dummy = {name: torch.zeros(1, dtype=dtype) for name, (dtype, _, _, _) in self._index.items()}
+        raw = save(dummy)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        header.pop("__metadata__", None)
+        order = sorted(header, key=lambda k: (header[k]["data_offsets"][0], k))
+        return order, {k: str(v["dtype"]) for k, v in header.items()}
+
+    def assemble(self, target: str | os.PathLike[str], metadata: Mapping[str, str] | None = None) -> str:
+        """Write the safetensors file ``target``, delete the spool; return the file's SHA-256."""
+        self._fh.close()
+        order, dtypes = self._layout()
+        ordered: dict[str, Any] = {}
+        if metadata:
+            ordered["__metadata__"] = dict(sorted(metadata.items()))
+        start = 0
+        for name in order:
+            _, shape, _, nbytes = self._index[name]
+            ordered[name] = {"dtype": dtypes[name], "shape": list(shape), "data_offsets": [start, start + nbytes]}
+            start += nbytes
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+        digest = hashlib.sha256()
+        with Path(target).open("wb") as dst, self.path.open("rb") as src:
+            for piece in (len(raw).to_bytes(8, "little"), raw):
+                dst.write(piece)
+                digest.update(piece)
+            for name in order:
+                _, _, offset, nbytes = self._index[name]
+                src.seek(offset)
+                while nbytes:
+                    chunk = src.read(min(nbytes, self._CHUNK))
+                    if not chunk:
+                        raise CheckpointError(f"spool {self.path} ended early while copying {name!r}")
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    nbytes -= len(chunk)
+        self.path.unlink()
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        """Drop the spool without assembling it (after a failure)."""
+        self._fh.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _expect(cond: bool, mpath: Path, what: str) -> None:
