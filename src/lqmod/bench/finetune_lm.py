@@ -566,6 +566,7 @@ def compute_row(row: LMRow, ctx: _Context) -> dict[str, Any]:
         _atomic_write(before_file, _dump(before))
     cfg = _train_config(s)
     train = ctx.train()
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     with rss_peak_meter() as rss:
         result = train_causal_lm(model, train, cfg, run_dir=run_dir, resume=resume, progress=ctx.progress)
@@ -590,6 +591,9 @@ def compute_row(row: LMRow, ctx: _Context) -> dict[str, Any]:
         "train_tokens": cfg.tokens_per_step * cfg.steps,
         "tokens_per_s": result.tokens_per_s,
         "peak_rss_delta_bytes": rss["delta"],
+        # tokens/s depends on the machine's load: the other processes sharing its cores
+        "torch_threads": torch.get_num_threads(),
+        "load_average": {"before_training": list(load_before), "after_training": list(os.getloadavg())},
         "build": build,
         "seconds": {"build": build_seconds, "train": train_seconds, "total": time.perf_counter() - t_start},
         "notes": notes,
