@@ -28,7 +28,9 @@ class ICQConfig(QuantizerConfig):
         0.1, gt=0.0, le=1.0, description="half-width of the shift grid, in units of sigma * block absmax (paper: 0.1)"
     )
     tau_n: int = Field(51, ge=1, le=1000, description="grid points on each side of the median (paper: 51)")
-    tau_groupsize: int = Field(256, ge=1, le=65536, description="blocks sharing one float32 scale of their 8-bit shifts")
+    tau_groupsize: int = Field(
+        256, ge=1, le=65536, description="blocks sharing one float32 scale of their 8-bit shifts"
+    )
 
     @field_validator("base")
     @classmethod

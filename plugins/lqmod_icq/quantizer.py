@@ -24,7 +24,9 @@ from lqmod.types import LayerStats, QuantizedWeight
 from lqmod_icq.config import NAME, ICQConfig, base_spec
 from lqmod_icq.search import block_codes, search_shifts, shift_values
 
-__all__ = ["BASE_PREFIX", "base_qweight", "bits_per_param", "group_size", "materialize", "options", "quantize", "shifts"]
+__all__ = [
+    "BASE_PREFIX", "base_qweight", "bits_per_param", "group_size", "materialize", "options", "quantize", "shifts"
+]
 
 BASE_PREFIX = "base_"
 
