@@ -6,10 +6,13 @@ from collections.abc import Iterator
 
 import lqmod
 from lqmod.types import QuantizerSpec
+from lqmod_optq import gptq_serving
 from lqmod_optq.config import NAME, OPTQConfig, options
 from lqmod_optq.kernel_format import lut_format
 from lqmod_optq.quantizer import bits_per_param, materialize, quantize
 from lqmod_optq.validate import validate
+
+gptq_serving.register()  # the "gptq" serving format (lqmod.integrations.serving)
 
 __all__ = ["OPTQConfig", "bits_per_param", "lqmod_quantizers", "lut_format", "materialize", "options", "quantize"]
 

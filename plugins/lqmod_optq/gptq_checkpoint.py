@@ -18,17 +18,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from lqmod.io import atomic_dir
-from lqmod.nn.lora_linear import LoRALinear
+from lqmod.integrations.formats import BaseLayer, ServingBase
+from lqmod.io import atomic_dir, write_safetensors
 from lqmod.quantize import QuantizationError
 from lqmod.types import QuantizedWeight
 from lqmod_optq.config import NAME
 from lqmod_optq.gptq_format import CHECKPOINT_FORMATS, from_gptq, to_gptq
 
-__all__ = ["GPTQCheckpointError", "read_gptq_checkpoint", "write_gptq_checkpoint"]
+__all__ = ["GPTQCheckpointError", "read_gptq_checkpoint", "write_gptq_checkpoint", "write_gptq_files"]
 
 QUANT_CONFIG = "quantize_config.json"
 TENSORS = "model.safetensors"
@@ -51,28 +50,49 @@ def write_gptq_checkpoint(
 ) -> Path:
     """Write ``model``'s optq layers (and its other tensors, dense) as a GPTQ checkpoint directory.
 
-    The GPTQ format has no place for LoRA adapters: only the quantized bases are written (export
-    adapters with :func:`lqmod.io.export_peft`). Layers of other quantizers cannot be written in
-    GPTQ form and are an error. The most common (bits, group_size, sym, desc_act) becomes the
-    base config; other layers get GPTQModel ``dynamic`` overrides by exact name. Atomic: the
-    directory appears complete or not at all.
+    ``model`` is an lqmod model (``LoRALinear`` layers), a model with
+    :class:`~lqmod.nn.QuantizedLinear` layers (loaded with ``LqmodConfig``), or a PEFT model
+    over either; the base is written under the plain module names. The GPTQ format has no
+    place for LoRA adapters: only the quantized bases are written (for base + adapter, see
+    :func:`lqmod.integrations.serving.export_for_serving`). Layers of other quantizers cannot
+    be written in GPTQ form and are an error. The most common (bits, group_size, sym,
+    desc_act) becomes the base config; other layers get GPTQModel ``dynamic`` overrides by
+    exact name, and linear layers left dense get a ``-:`` (skip) rule so that GPTQModel does
+    not look for their packed tensors. Atomic: the directory appears complete or not at all.
     """
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise GPTQCheckpointError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, not {checkpoint_format!r}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    other = sorted(n for n, m in layers.items() if m.quantizer != NAME)
+    from lqmod.integrations.serving import collect_base
+
+    base = collect_base(model)
+    _check_quantizers(base.layers)
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        write_gptq_files(base, tmp, checkpoint_format=checkpoint_format)
+    return Path(path)
+
+
+def _check_quantizers(layers: Mapping[str, BaseLayer]) -> None:
+    other = sorted(n for n, layer in layers.items() if layer.qweight.quantizer != NAME)
     if other:
+        kinds = sorted({layers[n].qweight.quantizer for n in other})
         raise GPTQCheckpointError(
-            f"{len(other)} layer(s) use other quantizers and have no GPTQ form, e.g. {other[:3]}; "
-            "quantize them with 'optq' or save an lqmod checkpoint (lqmod.io.save_checkpoint) instead"
+            f"{len(other)} layer(s) use other quantizers ({', '.join(kinds)}), which have no GPTQ form, "
+            f"e.g. {other[:3]}; "
+            f"only {NAME!r} layers can be written as GPTQ: quantize them with {NAME!r}, or export dense "
+            "(lqmod.integrations.merge.merge_to_dense) or as an lqmod checkpoint (lqmod.io.save_checkpoint)"
         )
     if not layers:
-        raise GPTQCheckpointError("the model has no optq layers (quantize it with quantizer='optq' first)")
+        raise GPTQCheckpointError(f"the model has no {NAME} layers (quantize it with quantizer={NAME!r} first)")
 
+
+def write_gptq_files(base: ServingBase, folder: Path, *, checkpoint_format: str = "gptq") -> None:
+    """Write the GPTQ checkpoint files of ``base`` into the existing directory ``folder``
+    (``model.safetensors``, ``quantize_config.json`` and, for transformers models, ``config.json``)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise GPTQCheckpointError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, not {checkpoint_format!r}")
+    _check_quantizers(base.layers)
     tensors: dict[str, torch.Tensor] = {}
     grids: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
-    for name, layer in layers.items():
+    for name, layer in base.layers.items():
         qw = layer.qweight
         for key, t in to_gptq(qw, checkpoint_format=checkpoint_format).items():
             tensors[f"{name}.{key}"] = t
@@ -81,26 +101,22 @@ def write_gptq_checkpoint(
         cfg = dict(qw.config)
         grids[name] = {k: cfg[k] for k in _GRID_KEYS}
         configs[name] = cfg
-    prefixes = tuple(f"{n}." for n in layers)
-    seen: set[tuple[int, int]] = set()
-    for key, t in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and ident in seen:
-            continue  # tied weights: safetensors refuses shared storage; loaders re-tie them
-        seen.add(ident)
+    for key, t in base.tensors.items():
         tensors[key] = t.detach().cpu().contiguous()
 
     counts: dict[str, int] = {}
     for g in grids.values():
         counts[json.dumps(g, sort_keys=True)] = counts.get(json.dumps(g, sort_keys=True), 0) + 1
-    base = json.loads(max(counts, key=lambda k: counts[k]))
-    dynamic = {
-        f"+:^{re.escape(n)}$": {k: g[k] for k in _GRID_KEYS if g[k] != base[k]} for n, g in grids.items() if g != base
+    top = json.loads(max(counts, key=lambda k: counts[k]))
+    dynamic: dict[str, dict[str, Any]] = {
+        f"+:^{re.escape(n)}$": {k: g[k] for k in _GRID_KEYS if g[k] != top[k]} for n, g in grids.items() if g != top
     }
+    # GPTQModel quantizes every linear layer its model definition lists unless a "-:" rule
+    # skips it, and refuses a checkpoint lacking that layer's qweight ("lm_head": False
+    # already covers the head).
+    dynamic.update({f"-:^{re.escape(n)}$": {} for n in base.dense_linears if n.rpartition(".")[2] != "lm_head"})
     quant_config: dict[str, Any] = {
-        **base,
+        **top,
         "quant_method": "gptq",
         "checkpoint_format": checkpoint_format,
         "format": checkpoint_format,
@@ -110,15 +126,12 @@ def write_gptq_checkpoint(
     }
     if dynamic:
         quant_config["dynamic"] = dynamic
-    with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
-        (tmp / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
-        model_config = getattr(model, "config", None)
-        if model_config is not None and hasattr(model_config, "to_dict"):
-            data = model_config.to_dict()
-            data["quantization_config"] = {k: v for k, v in quant_config.items() if k != "meta"}
-            (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    return Path(path)
+    write_safetensors(tensors, folder / TENSORS, metadata={"format": "pt"})
+    (folder / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2, sort_keys=True))
+    if base.config is not None and hasattr(base.config, "to_dict"):
+        data = base.config.to_dict()
+        data["quantization_config"] = {k: v for k, v in quant_config.items() if k != "meta"}
+        (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 def _load_quant_config(folder: Path) -> dict[str, Any]:
