@@ -1,4 +1,4 @@
-"""The ``lqmod`` command line: plugins, quantize, calibrate, finetune, eval, export-peft, plan, bench, demo."""
+"""The ``lqmod`` command line: plugins, quantize, calibrate, finetune, eval, export, export-peft, plan, bench, demo."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         table.add_column(col)
     for row in reg.describe():
         table.add_row(row["kind"], row["name"], row["distribution"], row["description"])
+    for entry in reg.disabled:  # "entry point (distribution)": never loaded, so its registrations are unknown
+        name, _, dist = entry.partition(" (")
+        table.add_row("[dim]disabled[/]", name, dist.removesuffix(")"), "not loaded: named in LQMOD_DISABLE_PLUGINS")
     console.print(table)
     for f in reg.failures:
         console.print(f"[red]failed to load[/] {f.entry_point} ({f.distribution}): {f.error}")
@@ -121,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lqmod.calibration.command import add_quantize_options
     from lqmod.calibration.command import register as register_calibrate
     from lqmod.evaluation.command import register as register_eval
+    from lqmod.integrations.export_command import register as register_export
     from lqmod.train.command import register as register_finetune
 
     p = argparse.ArgumentParser(prog="lqmod", description=__doc__)
@@ -149,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_finetune(sub)
     register_eval(sub)
 
+    register_export(sub)
     e = sub.add_parser("export-peft", help="write a checkpoint's adapters in PEFT's format")
     e.add_argument("checkpoint")
     e.add_argument("--out", required=True)
