@@ -1,5 +1,10 @@
 """``lqmod finetune``: train a checkpoint's adapters (causal LMs with the packed-data loop,
-encoders by embedding distillation) and write the finetuned checkpoint."""
+encoders by embedding distillation) and write the finetuned checkpoint.
+
+``torchrun --nproc-per-node N -m lqmod finetune ...`` (or ``accelerate launch -m lqmod
+finetune ...``) trains a causal LM data-parallel: the same global batch, split over the N
+processes; rank 0 alone writes the run directory and the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the adapters of an lqmod checkpoint. Causal LMs train on packed token windows of "
         "--train (a corpus name, a text file, or JSONL with 'text' or 'prompt'/'completion' records), with "
         "warmup + decay, accumulation, clipping, periodic held-out evaluation on --eval and resumable state in "
-        "the run directory (metrics.jsonl, loss_curve.png, states/).",
+        "the run directory (metrics.jsonl, loss_curve.png, states/). Under torchrun --nproc-per-node N (or "
+        "accelerate launch) it trains data-parallel with the same global batch (--batch-size x --grad-accum "
+        "windows, split over the processes).",
     )
     f.add_argument("checkpoint", help="an lqmod checkpoint directory (from lqmod quantize)")
     add_arguments(f)
@@ -48,6 +55,8 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
     f.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: at the end)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="data-parallel runs: seconds a collective waits for a stalled process before the run fails")
     f.add_argument("--run-dir", default=None, help="metrics, plot and resumable states (default: OUT.run)")
     f.add_argument("--resume", action="store_true", help="continue the interrupted run in --run-dir")
     f.add_argument("--out", required=True, help="the finetuned checkpoint directory")
@@ -71,7 +80,7 @@ def _config(args: argparse.Namespace) -> Any:
             "seq_len": args.seq_len, "lr": args.lr, "schedule": args.schedule, "warmup_steps": args.warmup,
             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip or None, "precision": args.precision,
             "gradient_checkpointing": args.gradient_checkpointing, "eval_every": args.eval_every,
-            "save_every": args.save_every, "seed": args.seed,
+            "save_every": args.save_every, "seed": args.seed, "dist_timeout_s": args.dist_timeout,
         },
         what="finetune options",
     )
@@ -80,8 +89,8 @@ def _config(args: argparse.Namespace) -> Any:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from lqmod.hf import load_local_tokenizer, resolve_model
-    from lqmod.io import load_checkpoint, read_manifest, save_checkpoint
+    from lqmod.hf import resolve_model
+    from lqmod.io import read_manifest
 
     console = Console(width=110)
     out = Path(args.out)
@@ -99,29 +108,54 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     run = run_dir_for(out, args.run_dir)
     if run.exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"run directory {run} exists; pass --resume to continue it or --overwrite to restart")
-    if args.overwrite and not args.resume and run.exists():
+    if args.eval_text == args.train:
+        raise ValueError(f"--eval {args.eval_text!r} is the training text: evaluate on held-out text")
+    from lqmod.train.distributed import init_distributed
+
+    # Every process checked the same files above, so they all fail or all go on.
+    ctx = init_distributed(cfg.dist_timeout_s)
+    try:
+        return _finetune_causal_lm(args, cfg, manifest, base, out, run, ctx, console)
+    finally:
+        ctx.close()
+
+
+def _finetune_causal_lm(
+    args: argparse.Namespace, cfg: Any, manifest: dict[str, Any], base: str, out: Path, run: Path, ctx: Any,
+    console: Any,
+) -> int:
+    from lqmod.hf import load_local_tokenizer
+    from lqmod.io import load_checkpoint, save_checkpoint
+    from lqmod.train.loop import train_causal_lm
+
+    if ctx.is_main and args.overwrite and not args.resume and run.exists():
         import shutil
 
         shutil.rmtree(run)
-    if args.eval_text == args.train:
-        raise ValueError(f"--eval {args.eval_text!r} is the training text: evaluate on held-out text")
+    ctx.barrier(what="waiting for rank 0 to clear the run directory")
     tokenizer = load_local_tokenizer(base)
     train, held_out = _data(tokenizer, args, cfg.seq_len)
-    model = load_checkpoint(args.checkpoint)
-    from lqmod.train.loop import train_causal_lm
-
+    model = load_checkpoint(args.checkpoint, device=ctx.device() if ctx.distributed else "cpu")
     result = train_causal_lm(
-        model, train, cfg, eval_data=held_out, run_dir=run, resume=args.resume, progress=not args.no_progress
+        model, train, cfg, eval_data=held_out, run_dir=run, resume=args.resume, progress=not args.no_progress,
+        dist_ctx=ctx,
     )
+    if not ctx.is_main:
+        ctx.barrier(what="waiting for rank 0 to write the checkpoint")
+        return 0
     extra = {**manifest.get("extra", {}), "finetune": {"config": json.loads(cfg.model_dump_json()),
                                                          "train": train.describe(), "evals": result.evals}}
+    if ctx.distributed:
+        extra["finetune"]["world_size"] = ctx.world_size
     save_checkpoint(model, out, overwrite=True, extra=extra)
+    ctx.barrier(what="the end of the run")
     before, after = result.eval_before, result.eval_after
     if before and after:
         console.print(f"held-out perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f} "
                       f"({after['eval_tokens']} tokens of {args.eval_text})")
     console.print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {len(result.losses)} steps, "
-                  f"{result.tokens_per_s:.0f} tokens/s; wrote {out} (run: {run})")
+                  f"{result.tokens_per_s:.0f} tokens/s"
+                  f"{f' over {ctx.world_size} processes' if ctx.distributed else ''}; wrote {out} (run: {run})")
     return 0
 
 

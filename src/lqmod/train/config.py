@@ -17,7 +17,9 @@ class FinetuneConfig(FrozenModel):
 
     The batch of one optimizer step is ``micro_batch_size * grad_accum`` windows of
     ``seq_len`` tokens; the loss is the mean over every scored token of that whole batch,
-    so ``k`` micro-batches give the update of one batch ``k`` times larger.
+    so ``k`` micro-batches give the update of one batch ``k`` times larger. Under
+    ``torchrun`` with ``N`` processes that batch stays the *global* one: each process runs
+    ``1/N`` of it in micro-batches of ``micro_batch_size`` (see :mod:`lqmod.train.distributed`).
     """
 
     steps: int = Field(40, ge=1, description="optimizer steps")
@@ -41,6 +43,9 @@ class FinetuneConfig(FrozenModel):
     keep_states: int = Field(2, ge=1, description="resumable states kept on disk (oldest deleted)")
     log_every: int = Field(1, ge=1)
     seed: int = 0
+    dist_timeout_s: float = Field(
+        600.0, gt=0, description="data-parallel runs: seconds a collective waits for a stalled process before failing"
+    )
 
     @field_validator("lr", "weight_decay")
     @classmethod

@@ -5,6 +5,10 @@ The loop shares transformers' conventions (its schedulers; labels ``-100`` not s
 ``gradient_checkpointing_enable``) so a run here and one under ``transformers.Trainer``
 are the same computation. Which windows a step sees is a pure function of the seed and the
 step, so a resumed run replays exactly the batches the interrupted one would have seen.
+
+Under ``torchrun``/``accelerate launch`` the same function trains data-parallel: DDP over
+the adapters only, each process on its share of every step, one global loss normalisation,
+metrics and states written by rank 0 (see :mod:`lqmod.train.distributed`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 from lqmod.evaluation.perplexity import token_nll, windows_loss
 from lqmod.train.config import FinetuneConfig
 from lqmod.train.data import PackedData
+from lqmod.train.distributed import DistContext, init_distributed, no_sync, rank_share, wrap_ddp
 from lqmod.train.metrics import MetricsLog, plot_loss_curve
 from lqmod.train.state import TrainState, latest_state, load_state, prune_states, save_state
 
@@ -49,6 +54,7 @@ class FinetuneResult:
     tokens_per_s: float = math.nan
     run_dir: Path | None = None
     resumed_from: int | None = None
+    world_size: int = 1
 
     @property
     def eval_before(self) -> dict[str, Any] | None:
@@ -103,7 +109,9 @@ def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 def _fingerprint(cfg: FinetuneConfig, train: PackedData, params: Sequence[str]) -> str:
     h = hashlib.sha256()
     # The number of states kept and how often to log or save do not change the result.
-    keep = cfg.model_dump(exclude={"keep_states", "save_every", "log_every", "eval_every", "eval_batch_size"})
+    # Neither does the number of processes nor their timeout (a run may resume on another N).
+    skip = {"keep_states", "save_every", "log_every", "eval_every", "eval_batch_size", "dist_timeout_s"}
+    keep = cfg.model_dump(exclude=skip)
     h.update(json.dumps(keep, sort_keys=True).encode())
     h.update(train.input_ids.numpy().tobytes())
     h.update(train.labels.numpy().tobytes())
@@ -142,11 +150,20 @@ def _gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
         hf.config.use_cache = False
 
 
-def _evaluate(model: nn.Module, data: PackedData, cfg: FinetuneConfig, dtype: torch.dtype | None) -> dict[str, Any]:
+def _evaluate(
+    model: nn.Module, data: PackedData, cfg: FinetuneConfig, dtype: torch.dtype | None, ctx: DistContext
+) -> dict[str, Any]:
     device = next(model.parameters()).device
-    with _autocast(device, dtype):
-        res = windows_loss(model, data.input_ids, data.labels, batch_size=cfg.eval_batch_size)
-    return {"eval_loss": res.nll, "eval_ppl": res.ppl, "eval_tokens": res.tokens}
+    # Each process scores a contiguous share of the windows; the sums are all-reduced.
+    lo, hi = (len(data) * ctx.rank) // ctx.world_size, (len(data) * (ctx.rank + 1)) // ctx.world_size
+    total, count = 0.0, 0
+    if hi > lo:
+        with _autocast(device, dtype):
+            res = windows_loss(model, data.input_ids[lo:hi], data.labels[lo:hi], batch_size=cfg.eval_batch_size)
+        total, count = res.nll * res.tokens, res.tokens
+    total, n = ctx.all_reduce_sum([total, count], what="the held-out evaluation")
+    nll = total / max(n, 1)
+    return {"eval_loss": nll, "eval_ppl": math.exp(nll) if n else math.nan, "eval_tokens": int(n)}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -156,8 +173,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 @contextlib.contextmanager
-def _log(run_dir: Path | None, resume_step: int | None) -> Iterator[MetricsLog | None]:
-    if run_dir is None:
+def _log(run_dir: Path | None, resume_step: int | None, main: bool) -> Iterator[MetricsLog | None]:
+    if run_dir is None or not main:
         yield None
         return
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
@@ -177,6 +194,7 @@ def train_causal_lm(
     resume: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    dist_ctx: DistContext | None = None,
 ) -> FinetuneResult:
     """Train the trainable parameters of ``model`` (its adapters) on packed windows.
 
@@ -184,6 +202,11 @@ def train_causal_lm(
     states (``states/step-NNNNNN``, every ``cfg.save_every`` steps and at the end);
     ``resume=True`` continues from the newest state there and reaches the same parameters
     as an uninterrupted run. The model comes back in eval mode.
+
+    Started by ``torchrun`` (``WORLD_SIZE > 1``; or with an initialised process group, or
+    ``dist_ctx``), it trains data-parallel: the same global batch, split over the
+    processes; every process returns the same adapters, and rank 0 alone writes the run
+    directory (its result holds the complete loss history on a resume).
     """
     cfg = cfg or FinetuneConfig()
     if train.seq_len != cfg.seq_len:
@@ -194,6 +217,12 @@ def train_causal_lm(
     run = Path(run_dir) if run_dir is not None else None
     if resume and run is None:
         raise ValueError("resume=True needs the run_dir of the interrupted run")
+    ctx = dist_ctx if dist_ctx is not None else init_distributed(cfg.dist_timeout_s)
+    if cfg.batch_windows % ctx.world_size:
+        raise ValueError(
+            f"the global batch of micro_batch_size x grad_accum = {cfg.batch_windows} windows cannot be split "
+            f"evenly over {ctx.world_size} processes: make it a multiple of {ctx.world_size}"
+        )
     device = next(model.parameters()).device
     dtype = autocast_dtype(cfg.precision, device)
     _gradient_checkpointing(model, cfg.gradient_checkpointing)
@@ -205,7 +234,7 @@ def train_causal_lm(
     fingerprint = _fingerprint(cfg, train, [n for n, _ in named])
     start, tokens_seen, resumed = 0, 0, None
     if resume and run is not None and (path := latest_state(run)) is not None:
-        st = load_state(path, model, opt)
+        st = load_state(path, model, opt, rank=ctx.rank)
         if st.fingerprint != fingerprint:
             raise ValueError(
                 f"cannot resume from {path}: it was saved by a run with another config, training data "
@@ -216,33 +245,50 @@ def train_causal_lm(
             scaler.load_state_dict(st.scaler)
         start, tokens_seen, resumed = st.step, st.tokens_seen, st.step
     else:
-        torch.manual_seed(cfg.seed)
+        # Dropout masks differ between processes, as they would between micro-batches.
+        torch.manual_seed(cfg.seed + ctx.rank)
+    # After the resume: DDP broadcasts rank 0's adapters, so all processes start alike.
+    net = wrap_ddp(model, ctx) if ctx.distributed else model
 
-    result = FinetuneResult(steps=cfg.steps, run_dir=run, resumed_from=resumed)
-    with _log(run, resumed) as log:
+    result = FinetuneResult(steps=cfg.steps, run_dir=run, resumed_from=resumed, world_size=ctx.world_size)
+    with _log(run, resumed, ctx.is_main) as log:
         if log is not None:
             result.losses = [r["loss"] for r in log.rows if "loss" in r]
             result.evals = [r for r in log.rows if "eval_loss" in r]
         if eval_data is not None and start == 0:
-            row = {"step": 0, **_evaluate(model, eval_data, cfg, dtype)}
+            row = {"step": 0, **_evaluate(model, eval_data, cfg, dtype, ctx)}
             result.evals.append(row)
             if log:
                 log.write(row)
         model.train()
         t0, tokens_run = time.perf_counter(), 0
-        bar = tqdm(total=cfg.steps, initial=start, desc="finetuning", unit="step", disable=not progress)
+        bar = tqdm(total=cfg.steps, initial=start, desc="finetuning", unit="step",
+                   disable=not (progress and ctx.is_main))
         for step in range(start, cfg.steps):
             micro = step_windows(step, len(train), cfg)
+            # Every process knows the whole step's windows, so the global count needs no collective.
             n_scored = sum(int((train.labels[i][:, 1:] != -100).sum()) for i in micro)
+            mine = rank_share(micro, cfg.micro_batch_size, ctx) if ctx.distributed else micro
             loss_sum = 0.0
-            for idx in micro:
+            for k, idx in enumerate(mine):
                 x, y = train.input_ids[idx].to(device), train.labels[idx].to(device)
-                with _autocast(device, dtype):
-                    nll, _ = token_nll(model, x, y)
-                # Dividing by the whole step's token count makes k micro-batches one batch.
-                loss = nll / max(n_scored, 1)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                last = k == len(mine) - 1
+                with no_sync(net, skip=not last):
+                    with _autocast(device, dtype):
+                        nll, _ = token_nll(net, x, y)
+                    # Dividing by the whole step's token count makes k micro-batches one batch; DDP
+                    # averages over the N processes, so each scales by N to leave a sum.
+                    loss = nll / max(n_scored, 1)
+                    scaled = loss * ctx.world_size if ctx.distributed else loss
+                    try:
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    except RuntimeError as exc:
+                        if ctx.distributed and last:
+                            raise ctx.fail(f"the gradient all-reduce of step {step + 1}", exc) from exc
+                        raise
                 loss_sum += float(loss.detach())
+            if ctx.distributed:
+                (loss_sum,) = ctx.all_reduce_sum([loss_sum], what=f"the loss all-reduce of step {step + 1}")
             if scaler is not None:
                 scaler.unscale_(opt)
             grad_norm = float(
@@ -268,17 +314,22 @@ def train_causal_lm(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             if eval_data is not None and (done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)):
-                row = {"step": done, **_evaluate(model, eval_data, cfg, dtype)}
+                row = {"step": done, **_evaluate(model, eval_data, cfg, dtype, ctx)}
                 result.evals.append(row)
-                bar.write(f"step {done}: held-out loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
+                if ctx.is_main:
+                    bar.write(f"step {done}: held-out loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
                 if log:
                     log.write(row)
                     plot_loss_curve(log.rows, run / "loss_curve.png")  # type: ignore[operator]
             if run is not None and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
                 scaler_state = scaler.state_dict() if scaler is not None else None
                 state = TrainState(done, fingerprint, sched.state_dict(), scaler_state, tokens_seen)
-                save_state(run, model, opt, state)
-                prune_states(run, cfg.keep_states)
+                # Each process's RNG goes into rank 0's state, so a resume restores every one.
+                rngs = ctx.all_gather(torch.get_rng_state(), what=f"gathering RNG states at step {done}")
+                if ctx.is_main:
+                    save_state(run, model, opt, state, rank_rng=rngs if ctx.distributed else None)
+                    prune_states(run, cfg.keep_states)
+                ctx.barrier(what=f"waiting for rank 0 to save the state of step {done}")
             for cb in callbacks:
                 cb(info)
         bar.close()

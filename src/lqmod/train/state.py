@@ -4,7 +4,8 @@ A state is a directory ``step-NNNNNN`` holding
 
 * ``trainable.safetensors``: every trainable parameter, by its name in the model;
 * ``optimizer.safetensors``: the optimizer's per-parameter tensors (``state.<i>.<key>``);
-* ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+* ``rng.safetensors``: torch's CPU (and CUDA) generator states; in a data-parallel run also
+  every process's CPU generator (``torch.rank<r>``), so each resumes with its own;
 * ``state.json``: the step, the optimizer's param groups, the scheduler's and grad scaler's
   state, Python's ``random`` state and the run's fingerprint (config + data), so a resume
   with other settings or other data is refused instead of silently mixing two runs.
@@ -61,8 +62,13 @@ def save_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
+    *,
+    rank_rng: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``run_dir/states/step-NNNNNN`` atomically; return its path."""
+    """Write ``run_dir/states/step-NNNNNN`` atomically; return its path.
+
+    ``rank_rng``: the CPU generator state of every process of a data-parallel run, by rank.
+    """
     from lqmod.io import atomic_dir
 
     target = run_dir / "states" / f"step-{state.step:06d}"
@@ -79,6 +85,8 @@ def save_state(
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda.{i}"] = s
+    for r, s in enumerate(rank_rng or []):
+        rng[f"torch.rank{r}"] = s.contiguous()
     py_version, py_internal, py_gauss = random.getstate()
     meta = {
         "step": state.step,
@@ -122,8 +130,13 @@ def prune_states(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore parameters, optimizer and RNG from a state directory; return the rest."""
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: int = 0) -> TrainState:
+    """Restore parameters, optimizer and RNG from a state directory; return the rest.
+
+    ``rank``: which process of a data-parallel run this is; it gets its own saved generator
+    state where the state has one (a run resumed on more processes than saved it gives the
+    new ones rank 0's, offset by their rank).
+    """
     meta = json.loads((path / STATE_JSON).read_text())
     params = _trainable(model)
     if list(params) != meta["param_names"]:
@@ -148,7 +161,12 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
+    if f"torch.rank{rank}" in rng:
+        torch.set_rng_state(rng[f"torch.rank{rank}"])
+    else:
+        torch.set_rng_state(rng["torch"])
+        if rank:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + rank)
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if cuda:
