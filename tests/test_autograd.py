@@ -84,7 +84,7 @@ def test_gradients_match_float64_dense_reference(nf_spec: lqmod.QuantizerSpec, b
 def test_base_weight_gets_no_gradient_and_only_adapters_train(nf_spec: lqmod.QuantizerSpec) -> None:
     layer = _layer(nf_spec)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-    assert trainable == {"lora_A", "lora_B"}
+    assert trainable == {"adapter.lora_A", "adapter.lora_B"}
     assert all(not b.requires_grad for b in layer.buffers())
 
 

@@ -152,7 +152,7 @@ def test_a_checkpoint_records_the_lqmod_version_and_integrity(tmp_path: Path) ->
     manifest = json.loads((tmp_path / "c" / "lqmod.json").read_text())
     assert manifest["lqmod_version"] == lqmod.__version__
     assert set(manifest["integrity"]["layers"]) == set(manifest["layers"]) == {"0", "2"}
-    assert lio.read_manifest(tmp_path / "c")["version"] == 2
+    assert lio.read_manifest(tmp_path / "c")["version"] == 3
 
 
 def test_a_version_1_checkpoint_without_integrity_still_loads(tmp_path: Path) -> None:

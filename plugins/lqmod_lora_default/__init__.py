@@ -1,6 +1,9 @@
-"""The default LoRA initializer: A Kaiming-uniform, B zero (as in PEFT and the LoRA paper).
+"""What ``LoRAConfig``'s defaults name: the ``default`` initializer and the ``lora`` adapter variant.
 
-With B = 0 the adapted model's output at step 0 equals the quantized model's exactly.
+The initializer draws A Kaiming-uniform and sets B to zero (as in PEFT and the LoRA paper),
+so the adapted model's output at step 0 equals the quantized model's exactly. The adapter
+(:mod:`lqmod_lora_default.adapter`) is plain LoRA, ``x W^T + (alpha / r) B A dropout(x)``.
+One plug-in holds both, so a registry built by hand with it can run ``LoRAConfig()``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,19 @@ import torch
 
 import lqmod
 from lqmod.config import InitializerConfig, LoRAConfig
-from lqmod.types import InitializerSpec, InitResult, LayerStats, Materialize, QuantizedWeight
+from lqmod.types import AdapterSpec, InitializerSpec, InitResult, LayerStats, Materialize, PeftForm, QuantizedWeight
+from lqmod_lora_default.adapter import NAME as ADAPTER_NAME
+from lqmod_lora_default.adapter import LoRAAdapter, LoRAAdapterConfig, build, peft_tensors
+from lqmod_lora_default.validate import validate
+
+__all__ = [
+    "DefaultInitConfig",
+    "LoRAAdapter",
+    "LoRAAdapterConfig",
+    "initialize",
+    "lqmod_adapters",
+    "lqmod_initializers",
+]
 
 
 class DefaultInitConfig(InitializerConfig):
@@ -44,4 +59,16 @@ def initialize(
 def lqmod_initializers() -> Iterator[InitializerSpec]:
     yield InitializerSpec(
         "default", DefaultInitConfig, initialize, description="A Kaiming-uniform, B = 0 (PEFT's default)"
+    )
+
+
+@lqmod.hookimpl
+def lqmod_adapters() -> Iterator[AdapterSpec]:
+    yield AdapterSpec(
+        ADAPTER_NAME,
+        LoRAAdapterConfig,
+        build,
+        peft=PeftForm(config={}, tensors=peft_tensors),
+        description="LoRA: (alpha / r) B A x beside the frozen base (PEFT: LoraConfig)",
+        validate=validate,
     )

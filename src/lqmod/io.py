@@ -66,7 +66,10 @@ __all__ = [
 FORMAT = "lqmod-checkpoint"
 # 2: integrity hashes of the manifest and every layer header, lqmod_version. Version 1
 # checkpoints (no integrity record) still load, with every other check.
-FORMAT_VERSION = 2
+# 3: every layer records its adapter variant ("adapter", "adapter_config"); a layer's tensors
+# are "base_layer.base.*", "base_layer.bias" and "adapter.*". Older checkpoints (flat
+# "lora_A", "lora_B", "base.*", "bias") load as the "lora" variant.
+FORMAT_VERSION = 3
 MANIFEST = "lqmod.json"
 TENSORS = "model.safetensors"
 
@@ -399,7 +402,13 @@ TENSOR_METADATA = {"format": "pt", "lqmod": FORMAT}
 
 def layer_header(m: LoRALinear) -> dict[str, Any]:
     """What the manifest records of one quantized layer."""
-    return {**m.base.header, "bias": m.bias is not None, "origin": m.origin}
+    return {
+        **m.base.header,
+        "bias": m.bias is not None,
+        "origin": m.origin,
+        "adapter": m.adapter_name,
+        "adapter_config": m.adapter_config.model_dump(mode="json"),
+    }
 
 
 def checkpoint_manifest(
@@ -690,6 +699,8 @@ def load_checkpoint(
         if kept not in stored:
             raise CheckpointError(f"alias {alias!r} names {kept!r}, which {TENSORS} does not hold")
         stored[alias] = stored[kept]
+    if manifest["version"] < 3:
+        stored = _flat_layer_keys_to_v3(stored, manifest["layers"])
     new_layers: dict[str, LoRALinear] = {}
     for name, header in manifest["layers"].items():
         what = f"{path}: layer {name!r}"
@@ -698,14 +709,17 @@ def load_checkpoint(
         names = header.get("tensors")
         if not isinstance(names, list) or not all(isinstance(k, str) for k in names):
             raise CheckpointError(f"{what}: 'tensors' must list tensor names, got {names!r}")
-        absent = [f"{prefix}{k}" for k in ("lora_A", "lora_B")] + [f"{prefix}base.{k}" for k in names]
+        absent = [f"{prefix}adapter.{k}" for k in ("lora_A", "lora_B")]
+        absent += [f"{prefix}base_layer.base.{k}" for k in names]
         absent = [k for k in absent if k not in stored]
-        if header.get("bias") and f"{prefix}bias" not in stored:
-            absent.append(f"{prefix}bias")
+        if header.get("bias") and f"{prefix}base_layer.bias" not in stored:
+            absent.append(f"{prefix}base_layer.bias")
         if absent:
             raise CheckpointError(f"{what}: {TENSORS} lacks {absent[:5]}")
+        layer_lora = _layer_lora_config(lora, header, what)
+        adapter_spec = registry.adapter(layer_lora.adapter)
         try:
-            qweight = QuantizedWeight.from_header(header, {k: stored[f"{prefix}base.{k}"] for k in names})
+            qweight = QuantizedWeight.from_header(header, {k: stored[f"{prefix}base_layer.base.{k}"] for k in names})
             # The quantizer itself checks that the tensors are what its config describes.
             qweight = validate_qweight(spec, qweight, name=what)
             if verify:
@@ -714,10 +728,11 @@ def load_checkpoint(
             layer = LoRALinear(
                 qweight,
                 spec,
-                lora,
-                lora_a=stored[f"{prefix}lora_A"],
-                lora_b=stored[f"{prefix}lora_B"],
-                bias=stored.get(f"{prefix}bias") if header.get("bias") else None,
+                layer_lora,
+                lora_a=stored[f"{prefix}adapter.lora_A"],
+                lora_b=stored[f"{prefix}adapter.lora_B"],
+                bias=stored.get(f"{prefix}base_layer.bias") if header.get("bias") else None,
+                adapter=adapter_spec,
             )
         except QuantizationError as exc:
             raise CheckpointError(str(exc)) from None
@@ -742,15 +757,53 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    for name, layer in new_layers.items():
+        if layer.adapter_spec.validate is not None:
+            try:
+                layer.adapter_spec.validate(layer.adapter)
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: layer {name!r}: {exc}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     for _, m in iter_lora_layers(model):
-        m.lora_A.requires_grad_(True)
-        m.lora_B.requires_grad_(True)
+        for p in m.adapter.parameters():
+            p.requires_grad_(True)
         if m.bias is not None:
-            m.bias.requires_grad_(lora.train_bias)
+            m.bias.requires_grad_(m.lora_config.train_bias)
     model.eval()
     return model.to(device)
+
+
+def _flat_layer_keys_to_v3(stored: dict[str, torch.Tensor], layers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Rename a version 1/2 checkpoint's layer tensors to the base_layer/adapter layout."""
+    prefixes = [f"{name}." for name in layers]
+    renamed: dict[str, torch.Tensor] = {}
+    for key, t in stored.items():
+        for prefix in prefixes:
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            if rest in ("lora_A", "lora_B"):
+                key = f"{prefix}adapter.{rest}"
+            elif rest == "bias" or (rest is not None and rest.startswith("base.")):
+                key = f"{prefix}base_layer.{rest}"
+            else:
+                continue
+            break
+        renamed[key] = t
+    return renamed
+
+
+def _layer_lora_config(lora: LoRAConfig, header: Mapping[str, Any], what: str) -> LoRAConfig:
+    """The checkpoint's LoRA config with this layer's recorded adapter variant (absent: "lora",
+    what every checkpoint written before variants were recorded holds)."""
+    name = header.get("adapter", "lora")
+    config = header.get("adapter_config", {})
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise CheckpointError(
+            f"{what}: 'adapter' must be a variant name and 'adapter_config' a JSON object, got {name!r}, {config!r}"
+        )
+    if name == lora.adapter and config == lora.adapter_config:
+        return lora
+    return lora.model_copy(update={"adapter": name, "adapter_config": config})
 
 
 def export_peft(
@@ -762,6 +815,10 @@ def export_peft(
 ) -> Path:
     """Write the adapters in PEFT's LoRA format (``adapter_model.safetensors`` + config).
 
+    Only variants whose spec has a :class:`~lqmod.types.PeftForm` can be exported (LoRA;
+    DoRA as ``use_dora=True`` with its ``lora_magnitude_vector``); any other (IEC) is a
+    ``ValueError`` naming the variants PEFT loads.
+
     The adapters were trained against the *quantized* base: apply them to
     :func:`dequantized_copy` of the model (or an equally quantized base) to get the same outputs.
     """
@@ -769,10 +826,22 @@ def export_peft(
     if not layers:
         raise ValueError("model has no LoRALinear layers to export")
     lora = next(iter(layers.values())).lora_config
+    variants = {m.adapter_name: m.adapter_spec for m in layers.values()}
+    no_peft = sorted(v for v, spec in variants.items() if spec.peft is None)
+    if no_peft:
+        loadable = sorted(n for n, s in get_registry().adapters().items() if s.peft is not None)
+        raise ValueError(
+            f"PEFT cannot load the {', '.join(repr(v) for v in no_peft)} adapter variant; PEFT loads "
+            f"{', '.join(loadable)}. Save an lqmod checkpoint (lqmod.io.save_checkpoint) instead"
+        )
+    if len(variants) > 1:
+        raise ValueError(f"layers use several adapter variants {sorted(variants)}; a PEFT adapter holds one")
+    form = next(iter(variants.values())).peft
+    assert form is not None
     tensors: dict[str, torch.Tensor] = {}
     for name, m in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+        for key, t in form.tensors(m.adapter).items():
+            tensors[f"base_model.model.{name}.{key}"] = t.detach().contiguous().cpu()
     fan_in_fan_out = any(m.origin == "conv1d" for m in layers.values())
     config = {
         "peft_type": "LORA",
@@ -787,6 +856,7 @@ def export_peft(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "modules_to_save": None,
+        **dict(form.config),
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
         write_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -19,13 +19,14 @@ from lqmod.config import ConfigError, LoRAConfig, Plan, PlanEntry, TargetConfig,
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.plugins import Registry, get_registry
 from lqmod.quantize import QuantizationError, check_materialized, quantize_weight, relative_error
-from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
+from lqmod.types import AdapterSpec, LayerStats, QuantizedWeight, QuantizerSpec
 
 __all__ = [
     "LayerQuantizer",
     "LayerReport",
     "QuantizeReport",
     "build_lora_linear",
+    "convert_adapters",
     "find_targets",
     "iter_lora_layers",
     "lora_parameters",
@@ -75,6 +76,12 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     )
 
 
+def _layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear-like module, without touching its weight's values."""
+    shape = _dense_weight(module).shape
+    return int(shape[0]), int(shape[1])
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     # Checked by name so transformers stays an optional import.
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
@@ -103,8 +110,9 @@ def build_lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     bias: torch.Tensor | None,
+    adapter: AdapterSpec | None = None,
 ) -> LoRALinear:
-    return LoRALinear(qweight, spec, lora, lora_a=lora_a, lora_b=lora_b, bias=bias)
+    return LoRALinear(qweight, spec, lora, lora_a=lora_a, lora_b=lora_b, bias=bias, adapter=adapter)
 
 
 def _resolve_entries(
@@ -200,6 +208,18 @@ class LayerQuantizer:
         self.specs = {name: registry.quantizer(e.quantizer) for name, e in self.entries.items()}
         for name, e in self.entries.items():
             validate_config(self.specs[name].config_model, e.config, what=f"{e.quantizer} config for {name}")
+        self.adapter_spec = registry.adapter(self.lora_cfg.adapter)
+        adapter_cfg = validate_config(
+            self.adapter_spec.config_model,
+            self.lora_cfg.adapter_config,
+            what=f"{self.adapter_spec.name} adapter config",
+        )
+        if self.adapter_spec.check is not None:
+            for name in self.entries:
+                try:
+                    self.adapter_spec.check(_layer_shape(model.get_submodule(name)), self.lora_cfg, adapter_cfg)
+                except ValueError as exc:
+                    raise ValueError(f"layer {name!r}: {exc}") from None
         self.generator = torch.Generator().manual_seed(seed)
         self._originals: dict[str, nn.Module] = {}
         self._requires_grad: dict[nn.Parameter, bool] = {}
@@ -264,6 +284,7 @@ class LayerQuantizer:
             lora_a=init.lora_a.to(weight.device),
             lora_b=init.lora_b.to(weight.device),
             bias=None if bias is None else bias.data,
+            adapter=self.adapter_spec,
         )
         with torch.no_grad():
             deq = spec.materialize(qweight, torch.float32)
@@ -343,6 +364,55 @@ def quantize_model(
         lq.rollback()
         raise
     return QuantizeReport([r for _, _, r in built])
+
+
+def convert_adapters(
+    model: nn.Module,
+    adapter: str,
+    adapter_config: Mapping[str, Any] | None = None,
+    *,
+    registry: Registry | None = None,
+) -> list[str]:
+    """Give every LoRA-adapted layer of ``model`` the ``adapter`` variant instead, built from
+    its current ``A`` and ``B`` over the same frozen base (the quantized tensors are shared).
+
+    For finetuning a checkpoint written with plain LoRA adapters as DoRA or IEC: at their
+    default settings both start from exactly the function the LoRA layer computes. Only
+    plain-LoRA layers convert (another variant's own parameters would be dropped); all or
+    nothing, checked before any layer is touched. Returns the converted layers' names.
+    """
+    registry = registry or get_registry()
+    spec = registry.adapter(adapter)
+    layers = list(iter_lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRALinear layers to convert: quantize it first")
+    other = sorted({m.adapter_name for _, m in layers} - {"lora", adapter})
+    if other:
+        raise ValueError(
+            f"only plain LoRA adapters convert to another variant; this model has {other} adapters, whose "
+            "own parameters would be lost"
+        )
+    todo = [(n, m) for n, m in layers if m.adapter_name != adapter]
+    configs = {n: m.lora_config.model_copy(update={"adapter": adapter, "adapter_config": dict(adapter_config or {})})
+               for n, m in todo}
+    cfg = validate_config(spec.config_model, dict(adapter_config or {}), what=f"{adapter} adapter config")
+    if spec.check is not None:
+        for name, m in todo:
+            try:
+                spec.check((m.out_features, m.in_features), configs[name], cfg)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+    built = []
+    for name, m in todo:
+        new = LoRALinear.from_base(
+            m.base_layer, configs[name], lora_a=m.lora_A.detach(), lora_b=m.lora_B.detach(), adapter=spec
+        )
+        new.adapters_enabled = m.adapters_enabled
+        new.train(m.training)
+        built.append((name, new))
+    for name, new in built:
+        replace_module(model, name, new)
+    return [n for n, _ in built]
 
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -343,8 +343,12 @@ class AdapterSpec:
     (a :class:`~lqmod.nn.quantized_linear.QuantizedLinear`), starting from the initializer's
     ``A`` (r, in) and ``B`` (out, r); ``config`` is a validated ``config_model`` instance.
     It raises ``ValueError`` (one line: what does not fit, what would) for a layer the
-    variant cannot adapt. The adapter's forward must not keep a dense weight for backward.
+    variant cannot adapt; ``check(shape, lora, config)``, optional, raises the same error from
+    the (out, in) shape alone, so a model is refused before any layer is quantized.
+    The adapter's forward must not keep a dense weight for backward.
     ``peft`` says how PEFT loads the variant, or is None when PEFT cannot (export refuses it).
+    ``validate(adapter)``, optional, checks an adapter whose state was read back from a
+    checkpoint (values ``forward`` relies on) and raises ``ValueError`` saying what is wrong.
     """
 
     name: str
@@ -352,6 +356,8 @@ class AdapterSpec:
     build: BuildAdapter
     peft: PeftForm | None = None
     description: str = ""
+    check: Callable[[tuple[int, int], LoRAConfig, Any], None] | None = None
+    validate: Callable[[Adapter], None] | None = None
 
 
 class Candidate(NamedTuple):

@@ -1,6 +1,7 @@
-"""Modules: the generic quantized LoRA linear layer and the adapter-free quantized base."""
+"""Modules: the frozen quantized base, the adapter base class and the adapted linear layer."""
 
-from lqmod.nn.lora_linear import LoRALinear, QuantizedBase
-from lqmod.nn.quantized_linear import QuantizedLinear
+from lqmod.nn.adapter import Adapter
+from lqmod.nn.lora_linear import LoRALinear
+from lqmod.nn.quantized_linear import QuantizedBase, QuantizedLinear
 
-__all__ = ["LoRALinear", "QuantizedBase", "QuantizedLinear"]
+__all__ = ["Adapter", "LoRALinear", "QuantizedBase", "QuantizedLinear"]

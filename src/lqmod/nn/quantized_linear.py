@@ -20,11 +20,39 @@ from torch import nn
 
 from lqmod.autograd import materialized_linear
 from lqmod.kernels.base import KernelBackend, select_backend
-from lqmod.nn.lora_linear import QuantizedBase
 from lqmod.quantize import quantize_weight
 from lqmod.types import LayerStats, QuantizedWeight, QuantizerSpec
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["QuantizedBase", "QuantizedLinear"]
+
+
+class QuantizedBase(nn.Module):
+    """Holds a :class:`QuantizedWeight`'s tensors as buffers so ``.to()`` and state dicts see them."""
+
+    def __init__(self, qweight: QuantizedWeight) -> None:
+        super().__init__()
+        self.header = qweight.header()
+        self.names = tuple(sorted(qweight.tensors))
+        for name in self.names:
+            self.register_buffer(name, qweight.tensors[name])
+        # The template keeps only metadata: holding the tensors here would keep a second copy
+        # alive after ``.to(device)`` moves the buffers.
+        self._template = QuantizedWeight(
+            qweight.quantizer, qweight.config, qweight.shape, {}, qweight.meta, qweight.dtype
+        )
+
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self._template.quantizer,
+            self._template.config,
+            self._template.shape,
+            {n: getattr(self, n) for n in self.names},
+            self._template.meta,
+            self._template.dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self._template.quantizer}, shape={self._template.shape}"
 
 
 class QuantizedLinear(nn.Module):
@@ -167,19 +195,23 @@ class QuantizedLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        y = materialized_linear(
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias; ``W`` is materialized here and again in backward."""
+        return materialized_linear(
             x,
             self.qweight,
             self._materialize,
             self.backend(x.device),
             save_dense=not self.materialize_in_backward,
         )
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        return self.add_bias(self.linear(x))
 
     def extra_repr(self) -> str:
         text = (

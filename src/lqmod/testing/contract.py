@@ -541,7 +541,7 @@ class QuantizerContract:
         stored = {k: v.clone() for k, v in qweight.tensors.items()}
 
         trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
-        assert trainable == {"lora_A", "lora_B"}, f"trainable parameters: {sorted(trainable)}"
+        assert trainable == {"adapter.lora_A", "adapter.lora_B"}, f"trainable parameters: {sorted(trainable)}"
 
         x = torch.randn(tokens, in_f, generator=gen).to(self.device).requires_grad_(True)
         y, dense_saved = dense_sized_saved_tensors(layer, x, self.shape)
