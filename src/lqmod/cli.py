@@ -76,7 +76,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             "alpha / rank, so 0 would switch it off); omit --alpha for the default 2 x rank"
         )
     alpha = 2.0 * args.rank if args.alpha is None else args.alpha
-    lora = validate_config(LoRAConfig, {"r": args.rank, "alpha": alpha}, what="--rank/--alpha")
+    lora = validate_config(
+        LoRAConfig,
+        {"r": args.rank, "alpha": alpha, "adapter": args.adapter, "adapter_config": parse_kv(args.adapter_config)},
+        what="--rank/--alpha/--adapter",
+    )
+    adapter = get_registry().adapter(lora.adapter)
+    validate_config(adapter.config_model, lora.adapter_config, what=f"--adapter-config for {adapter.name}")
     targets = validate_config(
         TargetConfig,
         {**({"include": tuple(args.include)} if args.include else {}),
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lqmod {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("plugins", help="list registered quantizers, initializers, allocators").set_defaults(
+    sub.add_parser("plugins", help="list registered quantizers, initializers, allocators, adapters").set_defaults(
         func=_cmd_plugins
     )
 
@@ -144,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", nargs="*", help="regexes of module names to leave alone")
     q.add_argument("--rank", type=int, default=8)
     q.add_argument("--alpha", type=float, default=None)
+    q.add_argument("--adapter", default="lora", help="adapter variant (lqmod plugins lists them: lora, dora, iec ...)")
+    q.add_argument("--adapter-config", default="", help="the variant's options as key=value pairs, e.g. beta_init=0")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
     add_quantize_options(q)

@@ -55,6 +55,9 @@ def add_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
     f.add_argument("--save-every", type=int, default=0, help="save resumable state every N steps (0: at the end)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--adapter", default=None, help="train the checkpoint's LoRA adapters as this variant "
+                   "(e.g. dora, iec; lqmod plugins lists them); default: the variant the checkpoint holds")
+    f.add_argument("--adapter-config", default="", help="that variant's options as key=value pairs")
     f.add_argument("--dist-timeout", type=float, default=600.0,
                    help="data-parallel runs: seconds a collective waits for a stalled process before the run fails")
     f.add_argument("--run-dir", default=None, help="metrics, plot and resumable states (default: OUT.run)")
@@ -86,6 +89,14 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
 
+def _convert_adapters(model: Any, args: argparse.Namespace) -> None:
+    if args.adapter:
+        from lqmod.cli import parse_kv
+        from lqmod.model import convert_adapters
+
+        convert_adapters(model, args.adapter, parse_kv(args.adapter_config))
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -98,6 +109,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     cfg = _config(args)
+    if args.adapter:  # an unknown variant is refused before any data or model is loaded
+        from lqmod.plugins import get_registry
+
+        get_registry().adapter(args.adapter)
     manifest = read_manifest(args.checkpoint)
     base = args.base or manifest.get("extra", {}).get("source_model")
     if not base:
@@ -136,6 +151,7 @@ def _finetune_causal_lm(
     tokenizer = load_local_tokenizer(base)
     train, held_out = _data(tokenizer, args, cfg.seq_len)
     model = load_checkpoint(args.checkpoint, device=ctx.device() if ctx.distributed else "cpu")
+    _convert_adapters(model, args)
     result = train_causal_lm(
         model, train, cfg, eval_data=held_out, run_dir=run, resume=args.resume, progress=not args.no_progress,
         dist_ctx=ctx,
@@ -179,6 +195,7 @@ def _finetune_encoder(args: argparse.Namespace, base: str, console: Any) -> int:
     texts = [ln.strip() for ln in source_text(args.train).splitlines() if len(ln.split()) >= 4]
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
     model = load_checkpoint(args.checkpoint)
+    _convert_adapters(model, args)
     teacher, tokenizer, _ = load_local_model(base)
     result = finetune(model, tokenizer, texts, lambda b: distill_loss(model, teacher, b), cfg,
                       progress=not args.no_progress)
