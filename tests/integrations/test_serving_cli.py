@@ -57,8 +57,19 @@ def test_export_lqmod_checkpoint(
 
     assert main(["export", str(ckpt), "--out", str(out)]) == 2
     assert "exists; pass --overwrite" in _error_line(capsys)
-    assert main(["export", str(ckpt), "--out", str(out), "--overwrite", "--checkpoint-format", "gptq_v2"]) == 0
+    argv = [
+        "export",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--checkpoint-format",
+        "gptq_v2",
+        "--no-fold-scaling",
+    ]
+    assert main(argv) == 0
     assert json.loads((out / "base" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 8
 
 
 def test_export_transformers_dir_with_adapter(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from integ_helpers import tiny_llama
+from safetensors.torch import load_file
 from serving_helpers import (
     DENSE,
     ODD,
@@ -84,7 +85,18 @@ def test_lqmod_native_export_reproduces_base_and_finetuned_logits(tmp_path: Path
     # and plain PEFT on top gives the finetuned logits.
     adapter_cfg = json.loads((result.adapter / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(result.base.resolve())
+    assert adapter_cfg["lora_alpha"] == adapter_cfg["r"] == 4  # alpha / r = 2 folded into lora_B
     served = peft.PeftModel.from_pretrained(dense, result.adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, ft_ref, **TOL)
+
+    # Unfolded: the trained tensors and alpha exactly as they are, the same logits.
+    kept = export_gptq_peft(model, tmp_path / "kept", fold_scaling=False)
+    assert json.loads((kept.adapter / "adapter_config.json").read_text())["lora_alpha"] == 8
+    stored = load_file(str(kept.adapter / "adapter_model.safetensors"))
+    for name, layer in layers.items():
+        assert torch.equal(stored[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.detach())
+    served = peft.PeftModel.from_pretrained(dense_from_gptq(kept.base), kept.adapter)
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=ids).logits, ft_ref, **TOL)
 
@@ -112,8 +124,6 @@ def test_peft_over_lqmod_config_export_reproduces_logits(tmp_path: Path, ids: to
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=ids).logits, ft_ref, **TOL)
     # The adapter is PEFT's own save: its keys name the plain base's modules.
-    from safetensors.torch import load_file
-
     keys = load_file(str(result.adapter / "adapter_model.safetensors"))
     assert f"base_model.model.{ODD}.lora_A.weight" in keys and "base_model.model.lm_head.lora_B.weight" in keys
 

@@ -84,6 +84,29 @@ def test_gptqmodel_serves_lqmod_native_export(tmp_path: Path, ids: torch.Tensor)
     _check(model, tmp_path / "serve", ids, BACKEND.GPTQ_TORCH, torch.float16, "TorchLinear", torch.float16)
 
 
+def test_gptqmodel_own_adapter_loader_needs_folded_scaling(tmp_path: Path, ids: torch.Tensor) -> None:
+    # GPTQModel's adapter=Lora(...) (its EoRA path, no PEFT) adds B A x without alpha / r:
+    # right for the default (folded) export, wrong by the factor alpha / r = 2 when unfolded.
+    from gptqmodel.adapter.adapter import Lora
+
+    model = lqmod_native(mixed=False)
+    base_ref, ft_ref = lqmod_logits(model, ids, adapters=False), lqmod_logits(model, ids)
+    bound = _bound(model, ids, torch.float16, ft_ref, adapters=True)
+    for fold in (True, False):
+        out = tmp_path / f"fold-{fold}"
+        export_gptq_peft(model, out, tokenizer=tiny_tokenizer(), fold_scaling=fold)
+        gm = GPTQModel.load(
+            str(out / "base"), device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.float16,
+            adapter=Lora(path=str(out / "adapter"), rank=4),
+        )  # fmt: skip
+        with torch.no_grad():
+            err = (gm.model(input_ids=ids).logits.float() - ft_ref).abs().max().item()
+        if fold:
+            assert err <= bound, (err, bound)
+        else:
+            assert err > 0.2 * (ft_ref - base_ref).abs().max().item()
+
+
 def test_gptqmodel_serves_peft_over_lqmod_config_export(tmp_path: Path, ids: torch.Tensor) -> None:
     # Uniform 4-bit symmetric: GPTQModel's automatic CPU kernel (bfloat16 compute).
     if not _peft_takes_gptqmodel():  # then PEFT's get_peft_model itself fails while gptqmodel imports

@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--checkpoint-format", default=None, choices=("gptq", "gptq_v2"), help="gptq: GPTQ zero-point convention"
     )
+    e.add_argument(
+        "--no-fold-scaling",
+        action="store_true",
+        help="keep lora_B and lora_alpha as trained (default: alpha / r folded into lora_B, lora_alpha = r, "
+        "which loaders that ignore lora_alpha, such as GPTQModel's adapter=, need)",
+    )
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_export)
 
@@ -121,6 +127,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         base_format=base_format,
         tokenizer=_tokenizer(tokenizer_name),
         overwrite=args.overwrite,
+        fold_scaling=not args.no_fold_scaling,
         options=options,
     )
     if tokenizer_name is None:

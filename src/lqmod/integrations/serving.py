@@ -33,7 +33,7 @@ from torch import nn
 
 from lqmod.integrations import formats
 from lqmod.integrations.formats import BaseFormat, BaseLayer, ServingBase
-from lqmod.io import atomic_dir, export_peft
+from lqmod.io import atomic_dir, export_peft, write_safetensors
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.nn.quantized_linear import QuantizedLinear
 
@@ -158,7 +158,46 @@ def _check_adapter(model: Any, adapter_name: str | None) -> str | None:
     return None
 
 
-def _write_adapter(model: Any, folder: Path, name: str | None, base_path: str | None) -> None:
+def _scalings(model: Any, name: str | None) -> dict[str, float]:
+    """Plain module name -> the factor its adapter update is multiplied by (alpha / r, or
+    alpha / sqrt(r) with rsLoRA; per module under PEFT's alpha/rank patterns)."""
+    if not _is_peft(model):
+        return {n: float(m.scaling) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    out: dict[str, float] = {}
+    for module_name, module in model.get_base_model().named_modules():
+        scaling = getattr(module, "scaling", None)
+        plain = _plain(module_name)
+        if isinstance(scaling, dict) and name in scaling and plain is not None:
+            out[plain] = float(scaling[name])
+    return out
+
+
+def _fold_scaling(folder: Path, scalings: Mapping[str, float]) -> None:
+    """Multiply every ``lora_B`` by its module's scaling and make the config's scaling 1
+    (``lora_alpha = r`` everywhere, no rsLoRA): the same update for PEFT and vLLM, and the
+    right one for loaders that apply ``B A`` without ``alpha / r`` (GPTQModel's ``adapter=``)."""
+    from safetensors.torch import load_file
+
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    for key, t in tensors.items():
+        for suffix in (".lora_B.weight", ".lora_embedding_B"):
+            if key.endswith(suffix):
+                plain = key.removeprefix("base_model.model.").removesuffix(suffix)
+                if plain not in scalings:
+                    raise ValueError(f"adapter tensor {key} has no matching LoRA module in the model")
+                tensors[key] = (t.double() * scalings[plain]).to(t.dtype)
+    write_safetensors(tensors, file, metadata={"format": "pt"})
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["lora_alpha"] = cfg["r"]
+    cfg["alpha_pattern"] = dict(cfg.get("rank_pattern") or {})
+    cfg["use_rslora"] = False
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _write_adapter(model: Any, folder: Path, name: str | None, base_path: str | None, fold: bool) -> None:
+    scalings = _scalings(model, name) if fold else {}
     if _is_peft(model):
         assert name is not None
         # The embeddings are frozen and written with the base; PEFT would copy them into the
@@ -175,6 +214,8 @@ def _write_adapter(model: Any, folder: Path, name: str | None, base_path: str | 
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     else:
         export_peft(model, folder, base_model_name_or_path=base_path)
+    if fold:
+        _fold_scaling(folder, scalings)
 
 
 def export_for_serving(
@@ -186,6 +227,7 @@ def export_for_serving(
     adapter_name: str | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    fold_scaling: bool = True,
     options: Mapping[str, Any] | None = None,
 ) -> ServingExport:
     """Write ``model``'s quantized base in ``base_format`` and its LoRA adapter in PEFT's format.
@@ -193,7 +235,11 @@ def export_for_serving(
     ``tokenizer`` (anything with ``save_pretrained``) is saved into ``base/``: GPTQModel and
     the engines load it from there. ``adapter_name`` picks one adapter of a PEFT model (the
     active one by default). ``base_model_name_or_path`` goes into ``adapter_config.json``
-    (default: the absolute path of ``base/``). ``options`` go to the format's writer (for
+    (default: the absolute path of ``base/``). ``fold_scaling`` (default) writes ``lora_B``
+    already multiplied by ``alpha / r`` and ``lora_alpha = r``: the same model for PEFT and
+    vLLM, and the only correct one for loaders that ignore ``lora_alpha`` (GPTQModel's own
+    ``adapter=Lora(...)``); ``False`` keeps the trained tensors and alpha as they are.
+    ``options`` go to the format's writer (for
     ``gptq``: ``checkpoint_format`` ``"gptq"`` or ``"gptq_v2"``). Every check runs before
     anything is written; the output is atomic. The model is not modified.
     """
@@ -211,7 +257,7 @@ def export_for_serving(
         fmt.write(base, tmp / "base", dict(options or {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "base"))
-        _write_adapter(model, tmp / "adapter", name, base_path)
+        _write_adapter(model, tmp / "adapter", name, base_path, fold_scaling)
         quantizers = tuple(sorted({layer.qweight.quantizer for layer in base.layers.values()}))
         record = {
             "base_format": fmt.name,
@@ -221,6 +267,7 @@ def export_for_serving(
             "quantized_layers": len(base.layers),
             "dense_linears": list(base.dense_linears),
             "tokenizer": tokenizer is not None,
+            "adapter_scaling_folded": fold_scaling,
             "lqmod_version": _version(),
         }
         (tmp / MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True))
