@@ -196,3 +196,20 @@ def test_torchrun_lqmod_finetune(tiny_llama: torch.nn.Module, word_tokenizer: ob
     rows = [json.loads(line) for line in (tmp_path / "ft.run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 2]  # eval, two steps, eval: written once each
     assert rows[-1]["eval_tokens"] == 3 * 15
+
+
+@pytest.mark.slow
+def test_accelerate_launch_trains_the_same_adapters(tmp_path: Path) -> None:
+    """accelerate's multi-process launcher is torchrun underneath (its CPU one needs MPI):
+    ``--multi_gpu`` on a machine without CUDA starts 2 processes that pick gloo."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "acc.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29900 + os.getpid() % 90), str(WORKER), str(out), "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, _ = _load(out)
+    one, _ = _single(3)
+    for name, t in one.items():
+        assert torch.equal(two[name], t), name
