@@ -194,3 +194,12 @@ def test_gptq_format_is_registered_by_the_plugin() -> None:
     fmt = base_formats()["gptq"]
     assert fmt.quantizers == ("optq",) and fmt.options == ("checkpoint_format",)
     assert fmt.write.__module__ == "lqmod_optq.gptq_serving"
+
+
+def test_public_entry_point() -> None:
+    import lqmod.integrations
+
+    assert lqmod.integrations.export_gptq_peft is export_gptq_peft
+    assert lqmod.integrations.export_for_serving is export_for_serving
+    with pytest.raises(AttributeError, match="no attribute 'export_awq'"):
+        lqmod.integrations.export_awq  # noqa: B018
