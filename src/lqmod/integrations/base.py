@@ -136,20 +136,30 @@ def to_quantized_linears(model: nn.Module) -> list[str]:
     update; a trained LoRALinear raises, use :func:`lqmod.integrations.merge` instead.
     """
     names: list[str] = []
-    for name, layer in list(iter_lora_layers(model)):
+    layers = list(iter_lora_layers(model))
+    for name, layer in layers:
         if bool(layer.lora_B.detach().abs().max() > 0) or layer.lora_config.initializer != "default":
             raise ValueError(
                 f"{name}: its LoRA adapter is not at its initial value (B = 0, default initializer); "
                 "converting would drop it. Merge the adapter first"
             )
+        with torch.no_grad():  # a variant's own parameters (e.g. a trained DoRA magnitude) count too
+            w = layer.dense_weight()
+            moved = float((layer.merged_weight() - w).norm() / w.norm().clamp_min(1e-30))
+        if moved > 1e-6:
+            raise ValueError(
+                f"{name}: its {layer.adapter_name} adapter changes the layer (relative {moved:.2g}) although B = 0; "
+                "converting would drop it. Merge the adapter first"
+            )
+    for name, layer in layers:
         replace_module(model, name, _from_lora(layer))
         names.append(name)
     return names
 
 
 def _from_lora(layer: LoRALinear) -> QuantizedLinear:
-    spec = get_registry().quantizer(layer.quantizer)
-    bias = None if layer.bias is None else layer.bias.detach()
-    out = QuantizedLinear(layer.qweight, spec, bias, compute_dtype=layer.lora_A.dtype)
-    out.origin = layer.origin
+    # The adapted layer's own frozen base, detached from its adapter (nothing is copied).
+    out = layer.base_layer
+    if out.bias is not None:
+        out.bias.requires_grad_(False)
     return out
