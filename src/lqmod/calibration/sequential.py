@@ -16,7 +16,7 @@ one block's inputs are held at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -304,8 +304,14 @@ def _sequential(
     keep: bool,
     progress: bool,
     sink: SinkWeighting | None = None,
+    block_scope: Callable[[int, nn.Module], AbstractContextManager[Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, LayerStats], list[str]]:
-    """The block loop: (reports by name, gathered Hessian stats if ``keep``, quantization order)."""
+    """The block loop: (reports by name, gathered Hessian stats if ``keep``, quantization order).
+
+    ``block_scope(k, block)``, if given, is entered around all the work on block ``k``: the
+    streamed quantizer (:mod:`lqmod.streaming`) loads the block's weights on entry and
+    writes and frees it on exit.
+    """
     names = list(lq.entries)
     found = find_blocks(model, names)
     if found is None:
@@ -355,20 +361,21 @@ def _sequential(
         for k in range(last + 1):
             block = blocks[k]
             members = per_block.get(k, {})
-            if members and needs_h & set(members):
-                for stage in _stages(block, members, inputs[0]):
-                    want = [n for n in stage if n in needs_h]
-                    if want:
-                        gathered.update(
-                            _gather(block, members, want, inputs, masks, last=want[-1], sink=sink)
-                        )
-                    for name in sorted(stage, key=names.index):
+            with block_scope(k, block) if block_scope is not None else nullcontext():
+                if members and needs_h & set(members):
+                    for stage in _stages(block, members, inputs[0]):
+                        want = [n for n in stage if n in needs_h]
+                        if want:
+                            gathered.update(
+                                _gather(block, members, want, inputs, masks, last=want[-1], sink=sink)
+                            )
+                        for name in sorted(stage, key=names.index):
+                            quantize(name)
+                else:
+                    for name in members:
                         quantize(name)
-            else:
-                for name in members:
-                    quantize(name)
-            if k < last or outside:
-                inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
+                if k < last or outside:
+                    inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
         del inputs
         outside_pass(outside)
     bar.close()
