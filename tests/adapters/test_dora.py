@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import lqmod.io as lio
 from lqmod.model import iter_lora_layers, quantize_model
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.testing import dense_sized_saved_tensors
+from lqmod_dora import DoRAAdapter
 
 peft = pytest.importorskip("peft")
 
@@ -28,6 +30,11 @@ def _layer(nf_spec: lqmod.QuantizerSpec, *, b_scale: float = 0.1, dropout: float
     a = torch.randn(R, IN, generator=g) / IN**0.5
     b = torch.randn(OUT, R, generator=g) * b_scale
     return LoRALinear(qw, nf_spec, lora, lora_a=a, lora_b=b, bias=torch.randn(OUT, generator=g) * 0.1)
+
+
+def _dora(layer: LoRALinear) -> DoRAAdapter:
+    assert isinstance(layer.adapter, DoRAAdapter)
+    return layer.adapter
 
 
 class _Dense(nn.Module):
@@ -45,7 +52,7 @@ class _Dense(nn.Module):
         return out
 
 
-def _peft_twin(layer: LoRALinear, dropout: float = 0.0) -> tuple[nn.Module, nn.Module]:
+def _peft_twin(layer: LoRALinear, dropout: float = 0.0) -> tuple[nn.Module, Any]:
     """PEFT's DoRA (LoraConfig(use_dora=True)) over a dense nn.Linear holding our materialized
     weight, with our A, B and magnitude copied in; returns the model and its LoRA layer."""
     model = peft.get_peft_model(
@@ -56,7 +63,7 @@ def _peft_twin(layer: LoRALinear, dropout: float = 0.0) -> tuple[nn.Module, nn.M
     with torch.no_grad():
         target.lora_A["default"].weight.copy_(layer.lora_A)
         target.lora_B["default"].weight.copy_(layer.lora_B)
-        target.lora_magnitude_vector["default"].weight.copy_(layer.adapter.magnitude)
+        target.lora_magnitude_vector["default"].weight.copy_(_dora(layer).magnitude)
     return model, target
 
 
@@ -70,15 +77,15 @@ def test_magnitude_starts_where_peft_puts_it(nf_spec: lqmod.QuantizerSpec) -> No
         base_layer=target.get_base_layer(), lora_A=target.lora_A["default"].weight,
         lora_B=target.lora_B["default"].weight, scaling=target.scaling["default"],
     )
-    torch.testing.assert_close(layer.adapter.magnitude, dora.weight, rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(layer.adapter.magnitude, layer.dense_weight().norm(dim=1), rtol=1e-3)
+    torch.testing.assert_close(_dora(layer).magnitude, dora.weight, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(_dora(layer).magnitude, layer.dense_weight().norm(dim=1), rtol=1e-3)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_outputs_and_gradients_match_peft_dora(nf_spec: lqmod.QuantizerSpec, dropout: float) -> None:
     layer = _layer(nf_spec, dropout=dropout)
     with torch.no_grad():  # a trained magnitude, so m / ||W + sBA|| is not 1
-        layer.adapter.magnitude.mul_(1 + 0.2 * torch.randn(OUT, generator=torch.Generator().manual_seed(5)))
+        _dora(layer).magnitude.mul_(1 + 0.2 * torch.randn(OUT, generator=torch.Generator().manual_seed(5)))
     model, target = _peft_twin(layer, dropout)
     layer.train()
     model.train()
@@ -96,7 +103,7 @@ def test_outputs_and_gradients_match_peft_dora(nf_spec: lqmod.QuantizerSpec, dro
         "x": (xa.grad, xb.grad),
         "lora_A": (layer.lora_A.grad, target.lora_A["default"].weight.grad),
         "lora_B": (layer.lora_B.grad, target.lora_B["default"].weight.grad),
-        "magnitude": (layer.adapter.magnitude.grad, target.lora_magnitude_vector["default"].weight.grad),
+        "magnitude": (_dora(layer).magnitude.grad, target.lora_magnitude_vector["default"].weight.grad),
     }
     for what, (got, want) in pairs.items():
         assert got is not None and want is not None, what
@@ -113,7 +120,7 @@ def test_norm_is_detached_from_a_and_b(nf_spec: lqmod.QuantizerSpec) -> None:
     assert got is not None
     w = layer.dense_weight(torch.float64)
     a = layer.lora_A.detach().clone().requires_grad_(True)
-    b, m, bias = layer.lora_B.detach(), layer.adapter.magnitude.detach(), layer.bias
+    b, m, bias = layer.lora_B.detach(), _dora(layer).magnitude.detach(), layer.bias
     assert bias is not None
     directed = w + layer.scaling * b @ a
     live = (m / directed.norm(dim=1))[:, None] * directed
@@ -133,11 +140,11 @@ def test_gradcheck_float64_over_nf(nf_spec: lqmod.QuantizerSpec) -> None:
         )
         return out
 
-    params = [getattr(layer.adapter, n).detach().clone().requires_grad_(True) for n in names]
+    params = [getattr(_dora(layer), n).detach().clone().requires_grad_(True) for n in names]
     # x and m: the norm does not depend on them, so nothing needs pinning.
     assert torch.autograd.gradcheck(lambda xi, m: f(xi, params[0], params[1], m), (x, params[2]))
     # A and B: with the (detached) norm held at its value, the function the backward differentiates.
-    with layer.adapter.pinned_detached(layer.base_layer):
+    with _dora(layer).pinned_detached(layer.base_layer):
         assert torch.autograd.gradcheck(f, (x, *params))
 
 
@@ -148,12 +155,12 @@ def test_no_dense_weight_is_saved(nf_spec: lqmod.QuantizerSpec, dropout: float) 
     y, saved = dense_sized_saved_tensors(layer, x, (OUT, IN))
     assert not saved, saved
     y.sum().backward()
-    assert layer.adapter.magnitude.grad is not None
+    assert _dora(layer).magnitude.grad is not None
 
 
 def test_row_norms_survive_a_bfloat16_cast(nf_spec: lqmod.QuantizerSpec) -> None:
     layer = _layer(nf_spec).to(torch.bfloat16)
-    assert layer.adapter.weight_sq.dtype == torch.float64
+    assert _dora(layer).weight_sq.dtype == torch.float64
 
 
 def test_peft_loads_the_exported_dora_adapter(tiny_llama: nn.Module, tmp_path: Path) -> None:
@@ -162,7 +169,7 @@ def test_peft_loads_the_exported_dora_adapter(tiny_llama: nn.Module, tmp_path: P
     g = torch.Generator().manual_seed(1)
     for _, layer in iter_lora_layers(model):
         layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-        layer.adapter.magnitude.data.mul_(1 + 0.1 * torch.randn(layer.out_features, generator=g))
+        _dora(layer).magnitude.data.mul_(1 + 0.1 * torch.randn(layer.out_features, generator=g))
     ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids).logits

@@ -13,6 +13,7 @@ import lqmod.io as lio
 from lqmod.model import iter_lora_layers, quantize_model
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.testing import dense_sized_saved_tensors
+from lqmod_iec import IECAdapter
 
 OUT, IN, R, ALPHA = 48, 64, 4, 8.0
 
@@ -26,9 +27,14 @@ def _layer(nf_spec: lqmod.QuantizerSpec, *, dropout: float = 0.0, r: int = R) ->
         lora_b=torch.randn(OUT, r, generator=g) * 0.1, bias=torch.randn(OUT, generator=g) * 0.1,
     )
     with torch.no_grad():  # trained elastic scalars (they start at 0, where the paths vanish)
-        layer.adapter.beta_A.fill_(0.7)
-        layer.adapter.beta_B.fill_(-0.4)
+        _iec(layer).beta_A.fill_(0.7)
+        _iec(layer).beta_B.fill_(-0.4)
     return layer
+
+
+def _iec(layer: LoRALinear) -> IECAdapter:
+    assert isinstance(layer.adapter, IECAdapter)
+    return layer.adapter
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -44,12 +50,13 @@ def test_matches_the_reference_spelling_in_value_and_gradient(nf_spec: lqmod.Qua
     layer = _layer(nf_spec).double()
     x = torch.randn(2, 3, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
     y = layer(x)
-    ad = layer.adapter
+    ad = _iec(layer)
     leaves = [t.detach().clone().requires_grad_(True) for t in (ad.lora_A, ad.lora_B, ad.beta_A, ad.beta_B)]
+    a, b, beta_a, beta_b = leaves
     xr = x.detach().clone().requires_grad_(True)
     bias = layer.bias
     assert bias is not None
-    yr = _reference(xr, layer.dense_weight(torch.float64), bias.detach(), *leaves, layer.scaling)
+    yr = _reference(xr, layer.dense_weight(torch.float64), bias.detach(), a, b, beta_a, beta_b, layer.scaling)
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
     g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y.backward(g)
@@ -66,7 +73,7 @@ def test_matches_the_reference_spelling_in_value_and_gradient(nf_spec: lqmod.Qua
 
 
 def test_paths_are_group_means_and_repeats(nf_spec: lqmod.QuantizerSpec) -> None:
-    mean, repeat = _layer(nf_spec).adapter.paths()
+    mean, repeat = _iec(_layer(nf_spec)).paths()
     x = torch.arange(IN, dtype=torch.float32)
     torch.testing.assert_close(mean @ x, x.reshape(R, IN // R).mean(dim=1))
     h = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -90,7 +97,7 @@ def test_gradcheck_float64_over_nf(nf_spec: lqmod.QuantizerSpec) -> None:
     layer = _layer(nf_spec).double()
     x = torch.randn(3, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
     names = ["lora_A", "lora_B", "beta_A", "beta_B"]
-    params = [getattr(layer.adapter, n).detach().clone().requires_grad_(True) for n in names]
+    params = [getattr(_iec(layer), n).detach().clone().requires_grad_(True) for n in names]
 
     def f(xi: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.func.functional_call(
@@ -108,7 +115,7 @@ def test_no_dense_weight_is_saved(nf_spec: lqmod.QuantizerSpec, dropout: float) 
     y, saved = dense_sized_saved_tensors(layer, x, (OUT, IN))
     assert not saved, saved
     y.sum().backward()
-    assert layer.adapter.beta_A.grad is not None and layer.adapter.beta_B.grad is not None
+    assert _iec(layer).beta_A.grad is not None and _iec(layer).beta_B.grad is not None
 
 
 def test_a_rank_that_does_not_divide_the_layer_is_refused(nf_spec: lqmod.QuantizerSpec) -> None:

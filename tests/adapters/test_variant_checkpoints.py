@@ -100,7 +100,8 @@ def test_an_unknown_variant_lists_the_registered_ones(tiny_llama: nn.Module, tmp
 def test_a_damaged_adapter_is_refused_naming_the_layer(tiny_llama: nn.Module, tmp_path: Path) -> None:
     model = _quantized(tiny_llama, "dora")
     name, layer = next(iter(iter_lora_layers(model)))
-    layer.adapter.magnitude.data[0] = float("nan")
+    magnitude = layer.adapter.get_parameter("magnitude")
+    magnitude.data[0] = float("nan")
     lio.save_checkpoint(model, tmp_path / "c")
     with pytest.raises(lio.CheckpointError, match=rf"layer '{name}': adapter tensor 'magnitude'.*non-finite"):
         lio.load_checkpoint(tmp_path / "c")
