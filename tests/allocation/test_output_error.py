@@ -123,9 +123,15 @@ def test_cache_is_reused_and_measures_do_not_mix(reg: Registry, tmp_path: Path) 
     assert first.computed > 0 and first.cached == 0
     assert again.computed == 0 and again.cached == first.computed
     assert [c.error for c in again.candidates["a"]] == [c.error for c in first.candidates["a"]]
-    # The same weights and stats under another measure are other files: computed afresh.
+    # One quantization is measured every way its stats allow, each measure cached apart: the
+    # frobenius table over the same weights and stats quantizes nothing, and its errors are
+    # those of a table built from scratch (the measures never mix).
     fro = build_error_table(weights, opts, stats=stats, cache=tmp_path, registry=reg, progress=False, error="frobenius")
-    assert fro.cached == 0 and fro.computed == first.computed
+    assert fro.computed == 0 and fro.cached == first.computed
+    fresh = build_error_table(weights, opts, stats=stats, cache=False, registry=reg, progress=False, error="frobenius")
+    for name in ("a", "b"):
+        assert [c.error for c in fro.candidates[name]] == [c.error for c in fresh.candidates[name]]
+        assert [c.error for c in fro.candidates[name]] != [c.error for c in first.candidates[name]]
     # A different Hessian is a different key, never a stale hit.
     other = {n: LayerStats(s.hessian * 2, s.n_tokens) for n, s in stats.items()}  # type: ignore[operator]
     moved = build_error_table(weights, opts, stats=other, cache=tmp_path, registry=reg, progress=False, error="output")

@@ -13,6 +13,11 @@ Built matrix by matrix (a progress bar per matrix), each option's result written
 * ``"auto"`` (the default): ``"fisher"`` when the statistics hold Fishers, else ``"frobenius"``.
 
 Every matrix must carry the statistic its measure reads. Sums run in float64.
+
+Quantizing is what costs (seconds per matrix for OPTQ or QuIP#); measuring is cheap. So each
+quantization is measured with *every* measure its matrix's statistics allow, and each result is
+cached under its own measure: a table built with another measure over the same statistics
+(``--error frobenius`` after ``--error output``) quantizes nothing again.
 """
 
 from __future__ import annotations
@@ -172,22 +177,33 @@ def _weighting(names: list[str], stats: Mapping[str, LayerStats] | None, error: 
     return resolve_error_measure(error, names, stats)
 
 
+def _measures_for(weighting: str, stats: LayerStats | None, shape: tuple[int, int]) -> list[str]:
+    """``weighting`` first, then every other measure ``stats`` can feed for an (out, in) matrix."""
+    out = [weighting]
+    extra = ["frobenius"]
+    if stats is not None and stats.hessian is not None and tuple(stats.hessian.shape) == (shape[1], shape[1]):
+        extra.append("output")
+    if stats is not None and stats.fisher is not None and tuple(stats.fisher.shape) == shape:
+        extra.append("fisher")
+    return out + [m for m in extra if m != weighting]
+
+
 def _measure(
     spec: QuantizerSpec,
     option: Option,
     weight: torch.Tensor,
     stats: LayerStats | None,
-    measure: str,
+    measures: list[str],
     name: str,
-) -> dict[str, Any]:
-    """Quantize one matrix with one option: a record with error and exact bits, or a skip reason."""
+) -> dict[str, dict[str, Any]]:
+    """Quantize one matrix with one option once: a record (error, exact bits) or a skip reason per measure."""
     shape = (int(weight.shape[0]), int(weight.shape[1]))
     numel = shape[0] * shape[1]
     try:
         predicted = spec.bits_per_param(option.config, shape)
         qw = quantize_weight(spec, weight, option.config, stats, name=name)
     except QuantizationError as exc:
-        return {"label": option.label, "skipped": f"QuantizationError: {exc}"}
+        return {m: {"label": option.label, "skipped": f"QuantizationError: {exc}"} for m in measures}
     bits = qw.storage_bits()
     if predicted * numel != bits and abs(predicted * numel - bits) > 1e-9 * bits:
         warnings.warn(
@@ -198,14 +214,18 @@ def _measure(
         )
     with torch.no_grad():
         approx = spec.materialize(qw, torch.float32)
-    if measure == "output":
-        assert stats is not None and stats.hessian is not None  # checked by the caller
-        error = output_error(weight, approx, stats.hessian, stats.n_tokens)
-    else:
-        error = weighted_error(weight, approx, stats.fisher if measure == "fisher" and stats is not None else None)
-    if not math.isfinite(error):
-        return {"label": option.label, "skipped": f"non-finite error {error!r}"}
-    return {"label": option.label, "error": error, "bits": int(bits)}
+    out: dict[str, dict[str, Any]] = {}
+    for measure in measures:
+        if measure == "output":
+            assert stats is not None and stats.hessian is not None  # _measures_for checked it
+            error = output_error(weight, approx, stats.hessian, stats.n_tokens)
+        else:
+            error = weighted_error(weight, approx, stats.fisher if measure == "fisher" and stats is not None else None)
+        if math.isfinite(error):
+            out[measure] = {"label": option.label, "error": error, "bits": int(bits)}
+        else:
+            out[measure] = {"label": option.label, "skipped": f"non-finite error {error!r}"}
+    return out
 
 
 def _resolve_cache(cache: CacheArg) -> TableCache | None:
@@ -273,7 +293,9 @@ def build_error_table(
         info = MatrixInfo(name, (int(weight.shape[0]), int(weight.shape[1])), tensor_hash(weight))
         table.matrices[name] = info
         s_key = stats_hash(layer_stats)
+        measures = _measures_for(weighting, layer_stats, info.shape)
         records = store.load(info.weight_hash, s_key, weighting) if store is not None else {}
+        others: dict[str, dict[str, dict[str, Any]]] | None = None  # the other measures' records, read once
         rows: list[Candidate] = []
         skipped: list[tuple[str, str]] = []
         for option, key in zip(options, keys, strict=True):
@@ -284,11 +306,17 @@ def build_error_table(
                 continue
             record = records.get(key)
             if record is None:
-                record = _measure(spec, option, weight, layer_stats, weighting, name)
+                by_measure = _measure(spec, option, weight, layer_stats, measures, name)
+                record = by_measure[weighting]
                 table.computed += 1
                 if store is not None:
+                    if others is None:
+                        others = {m: store.load(info.weight_hash, s_key, m) for m in measures[1:]}
                     records[key] = record
                     store.save(info.weight_hash, s_key, weighting, records)
+                    for m, rec in others.items():
+                        rec[key] = by_measure[m]
+                        store.save(info.weight_hash, s_key, m, rec)
             else:
                 table.cached += 1
             if "skipped" in record:

@@ -116,13 +116,17 @@ class LMRow:
     initializer: str = "default"
     calibration: Calibration = "none"
     budget: float | None = None  # plan rows: average bits per parameter
+    plan_error: str | None = None  # plan rows: the table's error measure (None: the settings')
     description: str = ""
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "name": self.name, "kind": self.kind, "quantizer": self.quantizer, "config": dict(self.config),
             "initializer": self.initializer, "calibration": self.calibration, "budget": self.budget,
         }  # fmt: skip
+        if self.plan_error is not None:  # absent otherwise, so earlier rows keep their fingerprints
+            spec["plan_error"] = self.plan_error
+        return spec
 
 
 NF = {"blocksize": 64, "double_quant": True}
@@ -146,6 +150,11 @@ def _rows() -> list[LMRow]:
                               description=f"ILP plan at {budget} bits/param over NF and OPTQ options"))
     rows = [r if r.initializer == "default" else replace(r, description=r.description + "; lq-lora init")
             for r in rows]
+    # Part 2 of issue 11: the same plans from a weight-space table (one quantization per option
+    # serves both measures, so these cost only their training).
+    for budget in (3.25, 2.75):
+        rows.append(LMRow(f"plan{budget}-frob", "plan", None, {}, "default", "hessian", budget, "frobenius",
+                          description=f"ILP plan at {budget} bits/param, weight-space (Frobenius) error table"))
     rows.append(LMRow("bnb-nf4", "bnb", None, {"bits": 4, **NF},
                       description="bitsandbytes Linear4bit NF4 (blocks of 64, double quant) + PEFT LoRA (QLoRA)"))
     rows.append(LMRow("fp-lora", "fp-lora", description="PEFT LoRA on the dense fp32 model"))
@@ -162,7 +171,7 @@ ROWS: list[LMRow] = _rows()
 # name (or --rows all): each OPTQ/plan row with lq-lora re-runs OPTQ up to lq_iters times per
 # layer, and the QuIP#-like quantizer takes ~10-70 s per 576 x 576 matrix on this CPU.
 DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf3+lq-lora", "nf2+lq-lora", "optq3", "optq2",
-                "plan3.25", "plan2.75")  # fmt: skip
+                "plan3.25", "plan2.75", "plan3.25-frob", "plan2.75-frob")  # fmt: skip
 
 
 def select_rows(patterns: str | Sequence[str] | None, rows: Sequence[LMRow] = ROWS) -> list[LMRow]:
@@ -235,7 +244,7 @@ def _quant_key(row: LMRow, s: LMBenchSettings) -> str:
         used.update(calib_text=s.calib_text, calib_windows=s.calib_windows, calib_len=s.calib_len,
                     sink_share=s.sink_share)
     if row.kind == "plan":
-        used.update(plan_error=s.plan_error)
+        used.update(plan_error=_plan_error(row, s))
     if row.quantizer == "optq" or row.kind == "plan":
         used.update(optq_group=s.optq_group)
     return _digest(used)
@@ -374,6 +383,10 @@ def _plan_options(s: LMBenchSettings) -> list[Any]:
     return [Option(q, validate_config(reg.quantizer(q).config_model, c, what=f"{q} plan option")) for q, c in raw]
 
 
+def _plan_error(row: LMRow, s: LMBenchSettings) -> str:
+    return row.plan_error if row.plan_error is not None else s.plan_error
+
+
 def _plan(row: LMRow, ctx: _Context) -> tuple[Any, dict[str, Any]]:
     """The row's plan, cached as JSON (the error table under it is cached per option too)."""
     from lqmod.allocation import TableCache, allocate_table, build_model_error_table
@@ -387,7 +400,7 @@ def _plan(row: LMRow, ctx: _Context) -> tuple[Any, dict[str, Any]]:
     measure = "frobenius"
     # The output-error measure is new; where this lqmod lacks it the plan says what it used.
     if "error" in inspect.signature(build_model_error_table).parameters:
-        kwargs["error"] = measure = ctx.s.plan_error
+        kwargs["error"] = measure = _plan_error(row, ctx.s)
     table = build_model_error_table(
         ctx.model, options=_plan_options(ctx.s), stats=ctx.hessians(), cache=TableCache(ctx.cache / "tables"),
         progress=ctx.progress, **kwargs,
