@@ -85,12 +85,15 @@ class DoRAAdapter(Adapter):
             return self._pinned
         dt = self._compute_dtype()
         a, b, s = self.lora_A.to(dt), self.lora_B.to(dt), self.scaling
-        wa = base.linear(a).t()  # (out, r) = W A^T: the base's own product, no dense copy kept
-        cross = (b * wa).sum(dim=1)
-        ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
-        sq = self.weight_sq.to(dt) + 2 * s * cross + (s * s) * ba_sq
-        # Rounding can push an (exactly) zero row a hair below 0; a zero norm would divide by 0.
-        return sq.clamp_min(torch.finfo(dt).tiny).sqrt()
+        # Under bf16 autocast the products would be rounded to bf16 (3 digits) before the
+        # cancellation-prone sum below: the norm is computed in full precision.
+        with torch.autocast(a.device.type, enabled=False):
+            wa = base.linear(a).t()  # (out, r) = W A^T: the base's own product, no dense copy kept
+            cross = (b * wa).sum(dim=1)
+            ba_sq = ((b @ (a @ a.t())) * b).sum(dim=1)
+            sq = self.weight_sq.to(dt) + 2 * s * cross + (s * s) * ba_sq
+            # Rounding can push an (exactly) zero row a hair below 0; a zero norm would divide by 0.
+            return sq.clamp_min(torch.finfo(dt).tiny).sqrt()
 
     def forward(
         self, x: torch.Tensor, base_out: torch.Tensor, base: QuantizedLinear

@@ -65,3 +65,19 @@ def test_convert_adapters_keeps_the_function(tiny_llama: nn.Module, adapter: str
     assert all(p.requires_grad for m in layers.values() for p in m.adapter.parameters())
     with pytest.raises(ValueError, match=r"only plain LoRA adapters convert"):
         convert_adapters(tiny_llama, "dora" if adapter == "iec" else "iec")
+
+
+@pytest.mark.slow
+def test_finetune_trains_a_lora_checkpoint_as_dora(minilm_dir: str, tmp_path: Path) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f"sentence number {i} is about a film , a song and a book ." for i in range(64)))
+    assert main(["quantize", "minilm", "--config", "bits=4,blocksize=64", "--rank", "4",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert main(["finetune", str(tmp_path / "q"), "--base", "minilm", "--text", str(text), "--steps", "2",
+                 "--batch-size", "8", "--adapter", "dora", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+    layers = lio.read_manifest(tmp_path / "ft")["layers"]
+    assert {h["adapter"] for h in layers.values()} == {"dora"}
+    model = lio.load_checkpoint(tmp_path / "ft")
+    moved = [m for _, m in iter_lora_layers(model) if bool(m.lora_B.detach().abs().max() > 0)]
+    assert moved, "the DoRA adapters did not train"
+    assert main(["export-peft", str(tmp_path / "ft"), "--out", str(tmp_path / "peft")]) == 0

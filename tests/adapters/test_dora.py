@@ -180,3 +180,12 @@ def test_peft_loads_the_exported_dora_adapter(tiny_llama: nn.Module, tmp_path: P
     with torch.no_grad():
         theirs = with_peft(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_norm_is_full_precision_under_bf16_autocast(nf_spec: lqmod.QuantizerSpec) -> None:
+    layer = _layer(nf_spec, b_scale=0.3)
+    exact = layer.dense_weight(torch.float64) + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm = _dora(layer).weight_norm(layer.base_layer)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), exact.norm(dim=1), rtol=1e-5, atol=0)
