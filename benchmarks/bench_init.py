@@ -48,6 +48,7 @@ from lqmod.quantize import quantize_weight
 from lqmod.types import LayerStats
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HYBRID = "lq-lora+quailora"
 SCHEMA = "lqmod.bench_init/1"
 RANK, ALPHA = 16, 16.0
 
@@ -93,6 +94,11 @@ def init_rows(model: str) -> list[Row]:
                 rows.append(Row(base, cfg, "lq-lora", {"max_iters": LQ_ITERS[base]}, label=f"{tag} lq-lora"))
             rows.append(Row(base, cfg, "quailora", {"method": "als"}, label=f"{tag} quailora"))
             rows.append(Row(base, cfg, "quailora", {"method": "exact"}, label=f"{tag} quailora-exact"))
+    if model == "minilm":
+        # Not an initializer of its own: lq-lora's re-quantized base Q' with the calibrated-optimal
+        # adapter over it, to show how much of lq-lora's edge on some layers is its base.
+        rows += [Row("nf", base_configs("nf", b), HYBRID, {"max_iters": LQ_ITERS["nf"]}, label=f"nf{b} {HYBRID}")
+                 for b in (3, 4)]  # fmt: skip
     return rows
 
 
@@ -212,9 +218,12 @@ def layer_metrics(w: Workload, name: str, approx: torch.Tensor) -> dict[str, Any
 def run_init_row(w: Workload, row: Row, qweights: dict[str, Any]) -> dict[str, Any]:
     registry = lqmod.get_registry()
     spec = registry.quantizer(row.base)
-    init = registry.initializer(row.init)
-    lora = LoRAConfig(r=RANK, alpha=ALPHA, initializer=row.init, initializer_config=row.init_config)
+    hybrid = row.init == HYBRID
+    init = registry.initializer("lq-lora" if hybrid else row.init)
+    lora = LoRAConfig(r=RANK, alpha=ALPHA, initializer=init.name, initializer_config=row.init_config)
     cfg = init.config_model.model_validate(row.init_config)
+    quai = registry.initializer("quailora")
+    quai_cfg = quai.config_model(method="exact")
     gen = torch.Generator().manual_seed(0)
     layers, merged = [], {}
     t0 = time.perf_counter()
@@ -223,6 +232,9 @@ def run_init_row(w: Workload, row: Row, qweights: dict[str, Any]) -> dict[str, A
         res = init.initialize(weight=weight, qweight=qw, materialize=spec.materialize, lora=lora, config=cfg,
                               stats=w.stats[name], generator=gen)  # fmt: skip
         base = res.qweight or qw
+        if hybrid:
+            res = quai.initialize(weight=weight, qweight=base, materialize=spec.materialize, lora=lora,
+                                  config=quai_cfg, stats=w.stats[name], generator=gen)  # fmt: skip
         step0 = spec.materialize(base, torch.float32) + lora.scaling * (res.lora_b @ res.lora_a)
         rec = layer_metrics(w, name, step0)
         rec["bits_per_param"] = base.bits_per_param()

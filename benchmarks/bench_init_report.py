@@ -40,7 +40,7 @@ def claims_init(results: dict[str, Any]) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {}
         ref = {r["name"]: r["out_err"] for r in base["layers"]}
-        for other in ("lq-lora", "quailora", "quailora-exact"):
+        for other in ("lq-lora", "quailora", "quailora-exact", "lq-lora+quailora"):
             r = rows.get(f"{tag} {other}")
             if r is None:
                 continue
@@ -175,17 +175,17 @@ def _plot_init(results: dict[str, Any], path: Path) -> None:
 
     rows = _ok(results["rows"])
     tags = _groups(rows)
-    inits = ["default", "lq-lora", "quailora", "quailora-exact"]
+    inits = ["default", "lq-lora", "quailora", "quailora-exact", "lq-lora+quailora"]
     lm = results["settings"]["kind"] == "causal-lm"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.2
+    width = 0.16
     for i, init in enumerate(inits):
         xs, errs, fids = [], [], []
         for j, tag in enumerate(tags):
             r = rows.get(f"{tag} {init}")
             if r is None:
                 continue
-            xs.append(j + (i - 1.5) * width)
+            xs.append(j + (i - 2) * width)
             errs.append(r["summary"]["out_err"])
             fids.append(r["fidelity"]["value"])
         axes[0].bar(xs, errs, width, label=init)
