@@ -706,7 +706,10 @@ def aggregate(settings: LMBenchSettings, out: str | os.PathLike[str]) -> dict[st
             "eval": f"stream_perplexity on the first {settings.eval_tokens} tokens of {settings.eval_text}, "
             f"disjoint windows of {settings.eval_context}",
             "calibration": f"{settings.calib_windows} windows of {settings.calib_len} tokens of "
-            f"{settings.calib_text} (lqmod.calibration.text: the WikiText-2 validation split)",
+            f"{settings.calib_text} (lqmod.calibration.text: the WikiText-2 validation split); "
+            + ("natural X^T X" if settings.sink_share is None else
+               f"each window's first token (attention sink) re-weighted to {settings.sink_share:g} of every "
+               "Hessian's trace (lqmod.calibration.SinkWeighting)"),
             "memory": "peak RSS growth (VmHWM after a reset) during training, over the resident model: "
             "activations, gradients, optimizer state, materialized weights; allocator dependent",
         },
@@ -774,6 +777,18 @@ def markdown(results: Mapping[str, Any]) -> str:
             mix = ", ".join(f"{q} {v['params'] / total:.0%}" for q, v in p["by_quantizer"].items())
             lines.append(f"- {r['row']}: {p['achieved_bits_per_param']:.3f} bits/param ({p['error_measure']} "
                          f"error table): {mix}")
+            by_option = p.get("by_option") or {}
+            counted = sorted(by_option.items(), key=lambda kv: -kv[1].get("params", 0))
+            if counted:
+                lines.append("  - options: " + ", ".join(
+                    f"{label} {v.get('params', 0) / total:.0%}" for label, v in counted if v.get("params")))
+    loads = [x for r in results["rows"] if r["status"] == "ok"
+             for x in (r.get("load_average") or {}).values()]  # fmt: skip
+    threads = sorted({r["torch_threads"] for r in results["rows"] if r.get("torch_threads")})
+    if loads:
+        lo, hi = min(v[0] for v in loads), max(v[0] for v in loads)
+        lines += ["", f"Machine while training: torch threads {threads}, 1-minute load average {lo:.1f}-{hi:.1f} "
+                  f"(tokens/s falls with the load; rows are comparable only at similar load)."]
     return "\n".join(lines) + "\n"
 
 

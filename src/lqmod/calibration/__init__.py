@@ -20,9 +20,11 @@ from lqmod.calibration.fisher import (
 )
 from lqmod.calibration.hessian import HessianAccumulator, collect_hessians
 from lqmod.calibration.sequential import find_blocks, quantize_model_sequential
+from lqmod.calibration.sinks import SinkWeighting
 
 __all__ = [
     "HessianAccumulator",
+    "SinkWeighting",
     "StatsCache",
     "causal_lm_loss",
     "collect_hessians",
