@@ -89,6 +89,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
          **({"exclude": tuple(args.exclude)} if args.exclude else {})},
         what="--include/--exclude",
     )
+    if args.stream:
+        from lqmod.streaming import stream_command
+
+        report = stream_command(args, quantizer=args.quantizer, config=parse_kv(args.config),
+                                lora=lora, targets=targets, plan=plan)
+        console.print(f"quantized {len(report.layers)} layers ({report.n_params / 1e6:.2f}M params) at "
+                      f"{report.bits_per_param:.3f} bits/param, streamed from the safetensors files; wrote {args.out}")
+        return 0
     model, tokenizer, where = load_local_model(args.model)
     # Statistics are computed only when a chosen quantizer needs them (or --sequential asks).
     report = quantize_with_calibration(
@@ -154,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adapter-config", default="", help="the variant's options as key=value pairs, e.g. beta_init=0")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--stream", action="store_true",
+                   help="read the safetensors files one layer (--sequential: one block) at a time, never holding the "
+                   "dense model; same checkpoint, byte for byte")
     add_quantize_options(q)
     q.set_defaults(func=_cmd_quantize)
     register_calibrate(sub)
