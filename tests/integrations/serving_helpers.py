@@ -157,5 +157,8 @@ def dense_from_gptq(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     config = transformers.AutoConfig.from_pretrained(folder)
     del config.quantization_config
     model = transformers.AutoModelForCausalLM.from_config(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+    model.tie_weights()
     return model.to(dtype).eval()
