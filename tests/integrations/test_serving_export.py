@@ -203,3 +203,19 @@ def test_public_entry_point() -> None:
     assert lqmod.integrations.export_for_serving is export_for_serving
     with pytest.raises(AttributeError, match="no attribute 'export_awq'"):
         lqmod.integrations.export_awq  # noqa: B018
+
+
+def test_modules_to_save_travel_with_the_adapter(tmp_path: Path, ids: torch.Tensor) -> None:
+    # A fully trained module (PEFT's modules_to_save): the base keeps the original, the adapter
+    # carries the trained copy, and PEFT puts it back.
+    pm = peft_over_lqmod(tmp_path, mixed=False, modules_to_save=["norm"])
+    with torch.no_grad():
+        trained = pm.get_base_model().model.norm.modules_to_save["default"].weight
+        trained.mul_(1.5)
+    ft_ref = lqmod_logits(pm, ids)
+    base = collect_base(pm)
+    assert torch.equal(base.tensors["model.norm.weight"], torch.ones(64))  # the original module
+    result = export_gptq_peft(pm, tmp_path / "serve")
+    served = peft.PeftModel.from_pretrained(dense_from_gptq(result.base), result.adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, ft_ref, **TOL)
