@@ -80,7 +80,7 @@ def peft_over_lqmod(tmp: Path, mixed: bool = True, seed: int = 0, **lora: Any) -
     return pm.eval()
 
 
-def lqmod_logits(model: nn.Module, ids: torch.Tensor, *, adapters: bool = True) -> torch.Tensor:
+def lqmod_logits(model: Any, ids: torch.Tensor, *, adapters: bool = True) -> torch.Tensor:
     """Logits of either model kind, with or without its adapters."""
     with torch.no_grad():
         if hasattr(model, "disable_adapter") and not adapters:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from lqmod.model import quantize_model
 
 peft = pytest.importorskip("peft")
 torch.set_num_threads(1)
-TOL = {"rtol": 1e-5, "atol": 1e-6}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from lqmod_optq.gptq_checkpoint import read_gptq_checkpoint
 
 peft = pytest.importorskip("peft")
 torch.set_num_threads(1)
-TOL = {"rtol": 1e-5, "atol": 1e-6}
+TOL: dict[str, Any] = {"rtol": 1e-5, "atol": 1e-6}
 
 
 @pytest.fixture
