@@ -153,7 +153,7 @@ def _check_adapter(model: Any, adapter_name: str | None) -> str | None:
     if variants != ["lora"]:
         raise ValueError(
             f"the model's adapters are {variants}; engines serving a quantized base with LoRA load plain LoRA "
-            "only: merge the adapter instead (lqmod.integrations.merge.merge_to_dense)"
+            "only: serve a dense model with the adapters merged instead (each layer's merged_weight())"
         )
     return None
 
