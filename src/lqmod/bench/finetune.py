@@ -18,7 +18,7 @@ import copy
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -70,7 +70,7 @@ def _lqmod_model(w: Workload, cfg: dict[str, Any], extra: dict[str, Any], seed: 
 
 
 @contextmanager
-def _peft_gptqmodel_check_bypassed(notes: list[str]) -> Iterator[None]:
+def peft_gptqmodel_check_bypassed(notes: list[str]) -> Iterator[None]:
     """PEFT 0.21 raises ImportError while injecting LoRA into *any* model when gptqmodel is
     importable but optimum is not (gptqmodel 7.6 does not pull it in). These models hold no
     GPTQ layers, so the check is moot: answer "no gptqmodel" for the duration, and say so."""
@@ -97,15 +97,26 @@ def _peft_gptqmodel_check_bypassed(notes: list[str]) -> Iterator[None]:
             m.is_gptqmodel_available = original  # type: ignore[attr-defined]
 
 
-def _bnb_peft_model(w: Workload, cfg: dict[str, Any], init_a: dict[str, torch.Tensor], notes: list[str]) -> nn.Module:
+def bnb_peft_model(
+    source: nn.Module,
+    targets: Sequence[str],
+    cfg: Mapping[str, Any],
+    *,
+    r: int,
+    alpha: float,
+    init_a: Mapping[str, torch.Tensor] | None = None,
+    notes: list[str],
+) -> nn.Module:
+    """A copy of ``source`` with ``targets`` as bitsandbytes NF4 ``Linear4bit`` (``cfg``: blocksize,
+    double_quant) under PEFT LoRA of rank ``r``; ``init_a`` replaces PEFT's initial ``lora_A``."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     from lqmod.model import replace_module
 
-    model = copy.deepcopy(w.model)
-    for name in w.targets:
-        old = model.get_submodule(name)
+    model = copy.deepcopy(source)
+    for name in targets:
+        old: Any = model.get_submodule(name)
         new = bnb.nn.Linear4bit(
             old.in_features,
             old.out_features,
@@ -129,11 +140,12 @@ def _bnb_peft_model(w: Workload, cfg: dict[str, Any], init_a: dict[str, torch.Te
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.clone(), requires_grad=False)
         replace_module(model, name, new)
-    peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=list(w.targets), lora_dropout=0.0)
-    with _peft_gptqmodel_check_bypassed(notes):
+    # PEFT types lora_alpha as int; the scale alpha / r is the same for a float.
+    peft_cfg = LoraConfig(r=r, lora_alpha=cast(int, alpha), target_modules=list(targets), lora_dropout=0.0)
+    with peft_gptqmodel_check_bypassed(notes):
         peft_model: Any = get_peft_model(model, peft_cfg)
     # Start from lqmod's adapters (both use B = 0), so the two runs differ only in kernels.
-    for name, a in init_a.items():
+    for name, a in (init_a or {}).items():
         layer: Any = peft_model.base_model.model.get_submodule(name)
         layer.lora_A["default"].weight.data.copy_(a)
     return peft_model
@@ -231,7 +243,8 @@ def run_finetune(w: Workload, s: BenchSettings) -> dict[str, Any]:
                 if not init_a and cfg == NF4:
                     init_a = {n: cast(Any, model.get_submodule(n)).lora_A.detach().clone() for n in w.targets}
             else:
-                model = _bnb_peft_model(w, cfg, init_a, run["notes"])
+                model = bnb_peft_model(w.model, w.targets, cfg, r=LORA["r"], alpha=LORA["alpha"], init_a=init_a,
+                                       notes=run["notes"])
         except ImportError as exc:
             runs.append({**run, "status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"})
             continue

@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 import torch
@@ -467,28 +466,19 @@ def _peft_lora_config(s: LMBenchSettings, targets: list[str]) -> Any:
 def _fp_lora(ctx: _Context, notes: list[str]) -> nn.Module:
     from peft import get_peft_model
 
-    from lqmod.bench.finetune import _peft_gptqmodel_check_bypassed
+    from lqmod.bench.finetune import peft_gptqmodel_check_bypassed
 
     model = copy.deepcopy(ctx.model)
     torch.manual_seed(ctx.s.seed)  # PEFT draws A (Kaiming-uniform) from the global generator
-    with _peft_gptqmodel_check_bypassed(notes):
+    with peft_gptqmodel_check_bypassed(notes):
         return cast(nn.Module, get_peft_model(model, _peft_lora_config(ctx.s, ctx.targets())))
 
 
 def _bnb(row: LMRow, ctx: _Context, notes: list[str]) -> nn.Module:
-    from lqmod.bench import finetune
-    from lqmod.bench.finetune import _bnb_peft_model
+    from lqmod.bench.finetune import bnb_peft_model
 
     torch.manual_seed(ctx.s.seed)
-    saved = dict(finetune.LORA)
-    # _bnb_peft_model reads the LoRA rank/alpha from the module-level LORA of the MiniLM benchmark.
-    finetune.LORA.update(r=ctx.s.rank, alpha=ctx.s.alpha)
-    try:
-        w = SimpleNamespace(model=ctx.model, targets=ctx.targets())
-        return _bnb_peft_model(cast(Any, w), dict(row.config), {}, notes)
-    finally:
-        finetune.LORA.clear()
-        finetune.LORA.update(saved)
+    return bnb_peft_model(ctx.model, ctx.targets(), dict(row.config), r=ctx.s.rank, alpha=ctx.s.alpha, notes=notes)
 
 
 def storage_bits(model: nn.Module) -> tuple[float, int]:
