@@ -10,11 +10,19 @@ import pluggy
 hookimpl = pluggy.HookimplMarker("lqmod")
 
 from lqmod._version import lqmod_version  # noqa: E402
-from lqmod.config import ConfigError, InitializerConfig, LoRAConfig, QuantizerConfig, TargetConfig  # noqa: E402
+from lqmod.config import (  # noqa: E402
+    AdapterConfig,
+    ConfigError,
+    InitializerConfig,
+    LoRAConfig,
+    QuantizerConfig,
+    TargetConfig,
+)
 from lqmod.nn.lora_linear import LoRALinear  # noqa: E402
 from lqmod.plugins import PluginClashError, Registry, UnknownPluginError, get_registry  # noqa: E402
 from lqmod.quantize import QuantizationError, quantize_weight  # noqa: E402
 from lqmod.types import (  # noqa: E402
+    AdapterSpec,
     AllocatorSpec,
     InitializerSpec,
     InitResult,
@@ -28,6 +36,8 @@ from lqmod.types import (  # noqa: E402
 __version__ = lqmod_version()
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterSpec",
     "AllocatorSpec",
     "ConfigError",
     "InitResult",
