@@ -81,19 +81,22 @@ LQ_ITERS = {"nf": 10, "optq": 3}
 
 def init_rows(model: str) -> list[Row]:
     rows = [Row("fp", {}, "none", label="fp")]
-    if model == "minilm":
-        grid = [("nf", (2, 3, 4)), ("optq", (2, 3, 4)), ("quip", (2,))]
-    else:
-        grid = [("nf", (4, 3)), ("optq", (3,))]
+    # SmolLM2 (210 layers, a perplexity run per row) on the shared 2-core machine: NF4 in full,
+    # NF3 default vs quailora only, no OPTQ/QuIP rows. QuIP on MiniLM at 2 bits only, without
+    # lq-lora (a QuIP run per lq-lora iteration).
+    grids = {"minilm": [("nf", (2, 3, 4)), ("optq", (2, 3, 4)), ("quip", (2,))], "smollm2": [("nf", (4, 3))]}
+    grid = grids[model]
     for base, widths in grid:
         for bits in widths:
             cfg = base_configs(base, bits)
             tag = f"{base}{bits}"
+            full = model == "minilm" or bits == 4
             rows.append(Row(base, cfg, "default", label=f"{tag} default"))
-            if base in LQ_ITERS and (model == "minilm" or base == "nf"):
+            if base in LQ_ITERS and full:
                 rows.append(Row(base, cfg, "lq-lora", {"max_iters": LQ_ITERS[base]}, label=f"{tag} lq-lora"))
             rows.append(Row(base, cfg, "quailora", {"method": "als"}, label=f"{tag} quailora"))
-            rows.append(Row(base, cfg, "quailora", {"method": "exact"}, label=f"{tag} quailora-exact"))
+            if full:
+                rows.append(Row(base, cfg, "quailora", {"method": "exact"}, label=f"{tag} quailora-exact"))
     if model == "minilm":
         # Not an initializer of its own: lq-lora's re-quantized base Q' with the calibrated-optimal
         # adapter over it, to show how much of lq-lora's edge on some layers is its base.
@@ -107,14 +110,16 @@ ICQ_TAU_N = 12  # candidates per side in the benchmark (paper: 51; the sensitivi
 
 def icq_rows() -> list[Row]:
     rows = [Row("fp", {}, "none", label="fp")]
-    for bits in (2, 3, 4):
+    # Block 128 (the equal-bits pairing) at 3 and 4 bits only, and no tau_n=51 row: on the shared
+    # 2-core machine an icq row of MiniLM took ~5 min at tau_n=12 (run --rows to add them).
+    for bits in (3, 4, 2):
         nf64 = base_configs("nf", bits)
         nf128 = {**nf64, "blocksize": 128}
         rows.append(Row("nf", nf64, "plain", label=f"nf{bits} b64"))
         rows.append(Row("icq", {"base_config": nf64, "tau_n": ICQ_TAU_N}, "plain", label=f"icq-nf{bits} b64"))
-        rows.append(Row("nf", nf128, "plain", label=f"nf{bits} b128"))
-        rows.append(Row("icq", {"base_config": nf128, "tau_n": ICQ_TAU_N}, "plain", label=f"icq-nf{bits} b128"))
-    rows.append(Row("icq", {"base_config": base_configs("nf", 3), "tau_n": 51}, "plain", label="icq-nf3 b64 tau_n=51"))
+        if bits != 2:
+            rows.append(Row("nf", nf128, "plain", label=f"nf{bits} b128"))
+            rows.append(Row("icq", {"base_config": nf128, "tau_n": ICQ_TAU_N}, "plain", label=f"icq-nf{bits} b128"))
     return rows
 
 
