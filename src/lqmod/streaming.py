@@ -250,9 +250,9 @@ def quantize_pretrained_streamed(
                 report = _layer_by_layer(model, lq, source, writer, stats, progress)
             else:
                 report = _block_by_block(model, lq, source, writer, plain, stats, batches, sink, progress)
-            rest = [n for n in plain if n not in spool]
-            for i in range(0, len(rest), 64):
-                writer.tensors(source.read(rest[i : i + 64]))
+            # One at a time: an embedding or head can be the largest tensor of the model.
+            for n in [n for n in plain if n not in spool]:
+                writer.tensors(source.read([n]))
             if len(writer.lora_json) != 1:
                 raise ValueError("all adapted layers must share one LoRA config to be saved together")
             manifest = checkpoint_manifest(model, next(iter(writer.lora_json)), writer.headers, aliases, extra)
