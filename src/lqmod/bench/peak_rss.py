@@ -62,13 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Everything either path imports, imported before the baseline so neither pays for it.
     import accelerate  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     from lqmod.calibration import quantize_model_sequential
     from lqmod.cli import parse_kv
-    from lqmod.hf import load_local_model
     from lqmod.io import save_checkpoint
     from lqmod.model import quantize_model
     from lqmod.streaming import quantize_pretrained_streamed
@@ -83,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         report = quantize_pretrained_streamed(args.model_dir, args.quantizer, config, out=args.out, lora=lora,
                                               batches=batches, overwrite=True, progress=False)
     else:
-        model, _, _ = load_local_model(args.model_dir)
+        # What lqmod.hf.load_local_model loads, without the tokenizer (a synthetic model has none).
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.float32, use_safetensors=True
+        ).eval()
         if batches is not None:
             report = quantize_model_sequential(model, args.quantizer, config, batches=batches, lora=lora,
                                                progress=False)
