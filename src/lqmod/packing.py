@@ -89,8 +89,10 @@ def decode_codes(packed: torch.Tensor, bits: int, n: int, table: torch.Tensor) -
 
     For widths that divide 8 every byte holds ``8 // bits`` whole codes, so one gather of
     the bytes through a 256-row table of their decoded values replaces the unpack (with its
-    int64 code per weight) and the per-code gather. The values are the table's own, bit for
-    bit; the result is 1-D with ``table``'s dtype.
+    int64 code per weight) and the per-code gather. Other widths go the same way in units
+    of whole codes that a run of 8 codes (``bits`` bytes) splits into (see
+    :func:`_decode_runs`). The values are the table's own, bit for bit; the result is 1-D
+    with ``table``'s dtype.
     """
     _check_bits(bits)
     flat = packed.reshape(-1)
@@ -101,10 +103,53 @@ def decode_codes(packed: torch.Tensor, bits: int, n: int, table: torch.Tensor) -
     if bits == 8:
         return torch.index_select(table, 0, flat[:n].int())
     if 8 % bits:
-        return torch.index_select(table, 0, unpack_codes(flat, bits, n))
+        return _decode_runs(flat, bits, n, table)
     per = 8 // bits
     every_byte = torch.arange(256, device=flat.device, dtype=torch.uint8)
     rows = table[unpack_codes(every_byte, bits, 256 * per)].view(256, per)
     nbytes = packed_nbytes(n, bits)
     out = torch.index_select(rows, 0, flat[:nbytes].int()).view(-1)
     return out if out.numel() == n else out[:n]
+
+
+# Codes per table row for widths that do not divide 8: a unit of that many codes is read
+# from a run's word at once. 3 bits: 4 codes (12-bit units, a 4096-row table); 5-7 bits:
+# 2 codes (a 2**(2*bits)-row table, at most 16384 rows).
+_UNIT_CODES = {3: 4, 5: 2, 6: 2, 7: 2}
+
+
+def _decode_runs(flat: torch.Tensor, bits: int, n: int, table: torch.Tensor) -> torch.Tensor:
+    """:func:`decode_codes` for 3, 5, 6 and 7 bits.
+
+    Eight codes fill exactly ``bits`` bytes (a run), read as one big-endian word. The word
+    splits into units of ``k`` whole codes (:data:`_UNIT_CODES`), and one gather of the
+    units through a table of every unit's ``k`` decoded values writes the output: per
+    weight, the only intermediates are the run words and unit indices (``8 / k`` bytes,
+    less than a float32 output's 4), and no int64 code is ever formed.
+    """
+    k = _UNIT_CODES[bits]
+    unit_bits = k * bits
+    runs = -(-n // 8)
+    raw = flat[: runs * bits]
+    if raw.numel() < runs * bits:  # the last run is short: pad it (the stream's own bytes are copied once)
+        raw = torch.cat([raw, raw.new_zeros(runs * bits - raw.numel())])
+    raw = raw.view(runs, bits)
+    # 3 bits: a 24-bit word fits int32, halving the word's bytes; wider runs need int64.
+    wide = torch.int32 if bits * 8 < 32 else torch.int64
+    word = raw[:, 0].to(wide)
+    for j in range(1, bits):
+        word = (word << 8).bitwise_or_(raw[:, j])
+    shifts = torch.arange(8 // k - 1, -1, -1, device=flat.device, dtype=wide) * unit_bits
+    units = (word.unsqueeze(1) >> shifts).bitwise_and_((1 << unit_bits) - 1).view(-1)
+    rows = _unit_table(table, bits, k)
+    out = torch.index_select(rows, 0, units).view(-1)
+    return out if out.numel() == n else out[:n]
+
+
+def _unit_table(table: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """(2**(k*bits), k): row ``u`` holds the decoded values of the ``k`` codes of unit ``u``,
+    first code in the most significant bits."""
+    every = torch.arange(1 << (k * bits), device=table.device, dtype=torch.int32)
+    shifts = torch.arange(k - 1, -1, -1, device=table.device, dtype=torch.int32) * bits
+    codes = (every.unsqueeze(1) >> shifts).bitwise_and_((1 << bits) - 1)
+    return table[codes.long()]

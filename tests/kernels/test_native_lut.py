@@ -58,6 +58,21 @@ def test_kernel_equals_reference(maker: str, bits: int) -> None:
             assert same_bits(native.lut_materialize(fmt, dtype, rows), materialize_lut(fmt, dtype, rows))
 
 
+# Act-order with many groups: the kernel's other act-order paths (a per-row table of every
+# (group, code) value where it is smaller than the row, the vector gathers, the scalar loop).
+MANY_GROUPS = [((6, 512), 8), ((5, 1000), 20), ((3, 1001), 7), ((4, 4096), 32)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_act_order_with_many_groups_equals_reference(bits: int) -> None:
+    for seed, (shape, group) in enumerate(MANY_GROUPS):
+        fmt = act_order(shape, bits, group, seed)
+        for dtype in DTYPES:
+            assert same_bits(native.lut_materialize(fmt, dtype), materialize_lut(fmt, dtype)), (bits, shape, dtype)
+        rows = (1, shape[0] - 1)
+        assert same_bits(native.lut_materialize(fmt, torch.float32, rows), materialize_lut(fmt, torch.float32, rows))
+
+
 def test_rounding_edge_cases() -> None:
     # Ties, subnormals, overflow to inf, NaN and -0.0 in the table, through every output cast.
     special = [0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 2**-140, -(2**-20), 65520.0, float("nan"),

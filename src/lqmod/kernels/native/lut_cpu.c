@@ -17,6 +17,7 @@
  * decodes such runs of eight, the scalar path any code anywhere.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef __AVX2__
@@ -78,6 +79,28 @@ static void row_scalar(const uint8_t *codes, int64_t nbytes, int bits, int64_t r
     }
 }
 
+/* Act-order rows through a per-row table of every (group, code) value: entry
+ * (g << bits) | c is table[c] * srow[g] (+ zrow[g]), the very float32 operations the
+ * per-weight path does, so the weights are the same bits; each weight is then one lookup
+ * instead of a table lookup and two scattered group loads. */
+static void fill_group_table(float *gt, int bits, const float *table, const float *srow, const float *zrow,
+                             int64_t n_groups) {
+    const int64_t n = (int64_t)1 << bits;
+    for (int64_t g = 0; g < n_groups; ++g)
+        for (int64_t c = 0; c < n; ++c) {
+            float v = table[c] * srow[g];
+            if (zrow) v = v + zrow[g];
+            gt[(g << bits) | c] = v;
+        }
+}
+
+static void row_scalar_gt(const uint8_t *codes, int64_t nbytes, int bits, int64_t r, int64_t in_f,
+                          const float *gt, const int32_t *g_idx, void *out, int64_t obase, int kind) {
+    int64_t start = r * in_f;
+    for (int64_t i = 0; i < in_f; ++i)
+        store_one(out, obase + i, kind, gt[((int64_t)g_idx[i] << bits) | code_at(codes, nbytes, start + i, bits)]);
+}
+
 #ifdef __AVX2__
 static inline __attribute__((always_inline)) void store8(void *out, int64_t i, int kind, __m256 v) {
     if (kind == OUT_F32) {
@@ -134,16 +157,32 @@ static inline __attribute__((always_inline)) __m256 lookup8(__m256i idx, int bit
  * and `kind` are constants; the group's scale is loaded once per group, not per run. */
 static inline __attribute__((always_inline)) void row_avx2_t(
     const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *table, const float *srow,
-    const float *zrow, const int32_t *g_idx, int64_t group, void *out, int64_t obase, int kind) {
+    const float *zrow, const int32_t *g_idx, int64_t n_groups, int64_t group, void *out, int64_t obase, int kind) {
     const uint8_t *p = codes + (r * in_f / 8) * bits;
     float t16[16] = {0};
     if (bits <= 4) memcpy(t16, table, (sizeof(float)) << bits);
     const __m256 tlo = _mm256_loadu_ps(t16), thi = _mm256_loadu_ps(t16 + 8);
-    if (g_idx) {
+    if (g_idx && n_groups > 16) {
         for (int64_t i = 0; i < in_f; i += 8, p += bits) {
             __m256i g = _mm256_loadu_si256((const __m256i *)(g_idx + i));
             __m256 v = _mm256_mul_ps(lookup8(codes8(p, bits), bits, table, tlo, thi), _mm256_i32gather_ps(srow, g, 4));
             if (zrow) v = _mm256_add_ps(v, _mm256_i32gather_ps(zrow, g, 4));
+            store8(out, obase + i, kind, v);
+        }
+        return;
+    }
+    if (g_idx) {
+        /* At most 16 groups: a row's scales and offsets fit two registers each, and a
+         * column's group picks its lane by permutes instead of gathers. */
+        float s16[16] = {0}, z16[16] = {0};
+        memcpy(s16, srow, sizeof(float) * (size_t)n_groups);
+        if (zrow) memcpy(z16, zrow, sizeof(float) * (size_t)n_groups);
+        const __m256 slo = _mm256_loadu_ps(s16), shi = _mm256_loadu_ps(s16 + 8);
+        const __m256 zlo = _mm256_loadu_ps(z16), zhi = _mm256_loadu_ps(z16 + 8);
+        for (int64_t i = 0; i < in_f; i += 8, p += bits) {
+            __m256i g = _mm256_loadu_si256((const __m256i *)(g_idx + i));
+            __m256 v = _mm256_mul_ps(lookup8(codes8(p, bits), bits, table, tlo, thi), lookup8(g, 4, srow, slo, shi));
+            if (zrow) v = _mm256_add_ps(v, lookup8(g, 4, zrow, zlo, zhi));
             store8(out, obase + i, kind, v);
         }
         return;
@@ -160,7 +199,38 @@ static inline __attribute__((always_inline)) void row_avx2_t(
     }
 }
 
-#define ROW_KIND(B, K) row_avx2_t(codes, B, r, in_f, table, srow, zrow, g_idx, group, out, obase, K)
+/* An act-order row (start and length multiples of 8 codes) through the group table. */
+static inline __attribute__((always_inline)) void row_avx2_gt_t(
+    const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *gt, const int32_t *g_idx,
+    void *out, int64_t obase, int kind) {
+    const uint8_t *p = codes + (r * in_f / 8) * bits;
+    for (int64_t i = 0; i < in_f; i += 8, p += bits) {
+        __m256i g = _mm256_loadu_si256((const __m256i *)(g_idx + i));
+        __m256i idx = _mm256_or_si256(_mm256_slli_epi32(g, bits), codes8(p, bits));
+        store8(out, obase + i, kind, _mm256_i32gather_ps(gt, idx, 4));
+    }
+}
+
+#define GT_KIND(B, K) row_avx2_gt_t(codes, B, r, in_f, gt, g_idx, out, obase, K)
+#define GT_BITS(B)                                          \
+    do {                                                    \
+        if (kind == OUT_F32) GT_KIND(B, OUT_F32);           \
+        else if (kind == OUT_BF16) GT_KIND(B, OUT_BF16);    \
+        else GT_KIND(B, OUT_F16);                           \
+    } while (0)
+
+static void row_avx2_gt(const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *gt,
+                        const int32_t *g_idx, void *out, int64_t obase, int kind) {
+    switch (bits) {
+        case 1: GT_BITS(1); break;
+        case 2: GT_BITS(2); break;
+        case 3: GT_BITS(3); break;
+        case 4: GT_BITS(4); break;
+        default: GT_BITS(8); break;
+    }
+}
+
+#define ROW_KIND(B, K) row_avx2_t(codes, B, r, in_f, table, srow, zrow, g_idx, n_groups, group, out, obase, K)
 #define ROW_BITS(B)                                           \
     do {                                                      \
         if (kind == OUT_F32) ROW_KIND(B, OUT_F32);            \
@@ -169,7 +239,7 @@ static inline __attribute__((always_inline)) void row_avx2_t(
     } while (0)
 
 static void row_avx2(const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *table,
-                     const float *srow, const float *zrow, const int32_t *g_idx, int64_t group,
+                     const float *srow, const float *zrow, const int32_t *g_idx, int64_t n_groups, int64_t group,
                      void *out, int64_t obase, int kind) {
     switch (bits) {
         case 1: ROW_BITS(1); break;
@@ -207,21 +277,44 @@ int lqmod_lut_materialize(const uint8_t *codes, int64_t nbytes, int bits, int64_
 #ifdef __AVX2__
     vector = in_f % 8 == 0 && (bits <= 4 || bits == 8) && (g_idx || group % 8 == 0);
 #endif
+    /* Act-order rows with few groups look their group up by permutes (row_avx2_t); with
+     * more, through a per-row table of every (group, code) value when building it (2^bits
+     * values per group) costs less than the row it serves; otherwise weight by weight. */
+    const int permuted = vector && g_idx && n_groups <= 16;
     if (threads < 1) threads = 1;
     /* Small weights are not worth waking a second thread for. */
     if ((r1 - r0) * in_f < (1 << 15)) threads = 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = r0; r < r1; ++r) {
-        const float *srow = scales + r * n_groups;
-        const float *zrow = zeros ? zeros + r * n_groups : 0;
-        int64_t obase = (r - r0) * in_f;
+    const int64_t gt_len = g_idx ? n_groups << bits : 0;
+    const int use_gt = g_idx && !permuted && gt_len <= in_f;
+#pragma omp parallel num_threads(threads)
+    {
+        /* Without memory for the table a thread keeps the per-weight path: same bits. */
+        float *gt = use_gt ? (float *)malloc((size_t)gt_len * sizeof(float)) : 0;
+#pragma omp for schedule(static)
+        for (int64_t r = r0; r < r1; ++r) {
+            const float *srow = scales + r * n_groups;
+            const float *zrow = zeros ? zeros + r * n_groups : 0;
+            int64_t obase = (r - r0) * in_f;
+            if (gt) {
+                fill_group_table(gt, bits, table, srow, zrow, n_groups);
 #ifdef __AVX2__
-        if (vector) {
-            row_avx2(codes, bits, r, in_f, table, srow, zrow, g_idx, group, out, obase, kind);
-            continue;
-        }
+                if (vector) {
+                    row_avx2_gt(codes, bits, r, in_f, gt, g_idx, out, obase, kind);
+                    continue;
+                }
 #endif
-        row_scalar(codes, nbytes, bits, r, in_f, table, srow, zrow, g_idx, group, out, obase, kind);
+                row_scalar_gt(codes, nbytes, bits, r, in_f, gt, g_idx, out, obase, kind);
+                continue;
+            }
+#ifdef __AVX2__
+            if (vector) {
+                row_avx2(codes, bits, r, in_f, table, srow, zrow, g_idx, n_groups, group, out, obase, kind);
+                continue;
+            }
+#endif
+            row_scalar(codes, nbytes, bits, r, in_f, table, srow, zrow, g_idx, group, out, obase, kind);
+        }
+        free(gt);
     }
     return 0;
 }
