@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lqmod.kernels.reference import REFERENCE
-from lqmod.nn.lora_linear import LoRALinear
+from lqmod.nn.quantized_linear import QuantizedLinear
 
 NF4 = {"bits": 4, "blocksize": 64, "double_quant": True}
 LORA = {"r": 16, "alpha": 32.0}
@@ -63,7 +63,7 @@ def lqmod_models(base: nn.Module, targets: list[str]) -> tuple[nn.Module, nn.Mod
     quantize_model(native, "nf", NF4, lora=LORA, targets=sel, seed=0, progress=False)
     ref = copy.deepcopy(native)
     for m in ref.modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, QuantizedLinear):  # the frozen base of each LoRALinear holds the backend
             m._backend, m._backend_device = REFERENCE, torch.device("cpu")  # the pure-torch path
     return native, ref
 
@@ -107,7 +107,7 @@ def materialize_ranges(models: list[nn.Module]) -> Iterator[None]:
     patched = []
     for model in models:
         for m in model.modules():
-            if isinstance(m, LoRALinear):
+            if isinstance(m, QuantizedLinear):
                 fn = m._materialize
 
                 def wrapped(q: Any, d: torch.dtype, fn: Callable[..., torch.Tensor] = fn) -> torch.Tensor:
