@@ -181,8 +181,11 @@ def lut_materialize_raw(
     r0, r1 = rows if rows is not None else (0, out_f)
     if not 0 <= r0 <= r1 <= out_f:
         raise ValueError(f"rows {rows} out of range for {out_f} output rows")
-    tensors = [codes, table, scales] + [t for t in (zeros, g_idx) if t is not None]
-    if any(t.device.type != "cpu" for t in tensors):
+    # Plain attribute tests, no generator: this runs several times in every forward and backward.
+    if not (
+        codes.is_cpu and table.is_cpu and scales.is_cpu
+        and (zeros is None or zeros.is_cpu) and (g_idx is None or g_idx.is_cpu)
+    ):  # fmt: skip
         raise ValueError("the native LUT kernel needs CPU tensors")
     codes = codes.reshape(-1).contiguous()
     table, scales = table.contiguous(), scales.contiguous()
