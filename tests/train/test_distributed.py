@@ -176,7 +176,7 @@ def test_torchrun_lqmod_finetune(tiny_llama: torch.nn.Module, word_tokenizer: ob
     from lqmod.cli import main
 
     src = tmp_path / "tiny"
-    tiny_llama.save_pretrained(src)
+    tiny_llama.save_pretrained(src)  # type: ignore[operator]
     word_tokenizer.save_pretrained(src)  # type: ignore[attr-defined]
     assert main(["quantize", str(src), "--config", "bits=4,blocksize=32", "--rank", "4", "--out",
                  str(tmp_path / "q")]) == 0
