@@ -84,7 +84,10 @@ def init_rows(model: str) -> list[Row]:
     # SmolLM2 (210 layers, a perplexity run per row) on the shared 2-core machine: NF4 in full,
     # NF3 default vs quailora only, no OPTQ/QuIP rows. QuIP on MiniLM at 2 bits only, without
     # lq-lora (a QuIP run per lq-lora iteration).
-    grids = {"minilm": [("nf", (2, 3, 4)), ("optq", (2, 3, 4)), ("quip", (2,))], "smollm2": [("nf", (4, 3))]}
+    grids: dict[str, list[tuple[str, tuple[int, ...]]]] = {
+        "minilm": [("nf", (2, 3, 4)), ("optq", (2, 3, 4)), ("quip", (2,))],
+        "smollm2": [("nf", (4, 3))],
+    }
     grid = grids[model]
     for base, widths in grid:
         for bits in widths:
@@ -210,13 +213,16 @@ def quantize_all(w: Workload, row: Row) -> dict[str, Any]:
 
 def layer_metrics(w: Workload, name: str, approx: torch.Tensor) -> dict[str, Any]:
     weight = _weight(w, name)
+    h = w.stats[name].hessian
+    assert h is not None
     rec = {
         "name": name, "shape": list(weight.shape),
         "w_err": weight_rel_error(weight, approx),
-        "out_err": output_rel_error_gram(w.stats[name].hessian, weight, approx),
+        "out_err": output_rel_error_gram(h, weight, approx),
     }  # fmt: skip
-    if name in w.heldout:
-        rec["out_err_heldout"] = output_rel_error_gram(w.heldout[name].hessian, weight, approx)
+    held = w.heldout[name].hessian if name in w.heldout else None
+    if held is not None:
+        rec["out_err_heldout"] = output_rel_error_gram(held, weight, approx)
     return rec
 
 
@@ -228,7 +234,7 @@ def run_init_row(w: Workload, row: Row, qweights: dict[str, Any]) -> dict[str, A
     lora = LoRAConfig(r=RANK, alpha=ALPHA, initializer=init.name, initializer_config=row.init_config)
     cfg = init.config_model.model_validate(row.init_config)
     quai = registry.initializer("quailora")
-    quai_cfg = quai.config_model(method="exact")
+    quai_cfg = quai.config_model.model_validate({"method": "exact"})
     gen = torch.Generator().manual_seed(0)
     layers, merged = [], {}
     t0 = time.perf_counter()
