@@ -123,6 +123,11 @@ def test_cli_stream_writes_what_quantize_writes(tmp_path: Path, word_tokenizer: 
     _same(tmp_path / "mem", tmp_path / "str")
     assert main([*common, "--stream", "--quantizer", "optq", "--config", "group_size=32",
                  "--out", str(tmp_path / "o")]) == 2  # calibrated without --sequential: refused
+    seq = ["quantize", str(src), "--quantizer", "optq", "--config", "bits=3,group_size=32", "--rank", "4",
+           "--sequential", "--calib-text", "ptb", "--n-calib", "2", "--calib-seq-len", "16"]
+    assert main([*seq, "--out", str(tmp_path / "seq-mem")]) == 0
+    assert main([*seq, "--stream", "--out", str(tmp_path / "seq-str")]) == 0
+    _same(tmp_path / "seq-mem", tmp_path / "seq-str")
 
 
 @pytest.mark.slow
