@@ -188,8 +188,10 @@ def _plot_init(results: dict[str, Any], path: Path) -> None:
             xs.append(j + (i - 2) * width)
             errs.append(r["summary"]["out_err"])
             fids.append(r["fidelity"]["value"])
-        axes[0].bar(xs, errs, width, label=init)
-        axes[1].bar(xs, [(f if lm else 1 - f) for f in fids], width, label=init)
+        if not xs:
+            continue
+        axes[0].bar(xs, errs, width, label=init, color=f"C{i}")
+        axes[1].bar(xs, [(f if lm else 1 - f) for f in fids], width, label=init, color=f"C{i}")
     for ax in axes:
         ax.set_xticks(range(len(tags)), tags)
     axes[0].set_ylabel("mean calibrated output error (step 0)")
