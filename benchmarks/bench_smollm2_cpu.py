@@ -151,27 +151,38 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
     for key in models:  # warm-up (kernel build, first-touch allocation)
         step(key)
     times: dict[str, list[float]] = {k: [] for k in models}
+    # The process's CPU time per step beside the wall time: on a shared machine a
+    # low-priority process loses whole scheduler slices, which wall time counts and CPU
+    # time does not (at more than one thread CPU time also counts OpenMP spin-waits).
+    cpu_times: dict[str, list[float]] = {k: [] for k in models}
     loads = []
     for _ in range(args.steps):
         loads.append(_load_avg())
         for key in models:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step(key)
             times[key].append(time.perf_counter() - start)
+            cpu_times[key].append(time.process_time() - cpu_start)
     profiles: dict[str, Any] = {k: None for k in models}
     if args.checkpoint:  # timings first: a profile cut short by a time limit keeps them
-        Path(args.checkpoint).write_text(json.dumps({"times_s": times, "loads": loads}, indent=1) + "\n")
+        Path(args.checkpoint).write_text(
+            json.dumps({"times_s": times, "cpu_times_s": cpu_times, "loads": loads}, indent=1) + "\n"
+        )
     with materialize_ranges(list(models.values())):
         for key in models:
             profiles[key] = profile_one(lambda key=key: step(key))
     tokens = args.batch * args.seq
     bnb_s = statistics.median(times["bnb+peft"]) if "bnb+peft" in times else None
+    bnb_cpu = statistics.median(cpu_times["bnb+peft"]) if "bnb+peft" in cpu_times else None
     rows = {}
     for key, ts in times.items():
         s = statistics.median(ts)
+        c = statistics.median(cpu_times[key])
         rows[key] = {
             "step_s": round(s, 3), "step_s_min": round(min(ts), 3), "tokens_per_s": round(tokens / s, 1),
             "tokens_per_s_ratio_to_bnb": round((tokens / s) / (tokens / bnb_s), 3) if bnb_s else None,
+            "step_cpu_s": round(c, 3), "step_cpu_s_min": round(min(cpu_times[key]), 3),
+            "tokens_per_cpu_s_ratio_to_bnb": round(bnb_cpu / c, 3) if bnb_cpu else None,
             "profile": profiles[key],
         }  # fmt: skip
     return {
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-torch", action="store_true", help="also decode with the pure-torch backend (slow)")
     ap.add_argument("--checkpoint", help="step: write the raw timings here before profiling")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--suffix", default="", help="appended to the result file's name (smollm2_cpu_step<suffix>.json)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("bitsandbytes", "peft", "transformers"):
         with contextlib.suppress(ImportError):
             result["versions"][name] = __import__(name).__version__
-    path = Path(args.out) / f"smollm2_cpu_{args.what}.json"
+    path = Path(args.out) / f"smollm2_cpu_{args.what}{args.suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["results"], indent=1))
