@@ -52,7 +52,7 @@ def train(model: torch.nn.Module, steps: int, rank: int, world: int) -> list[flo
         (nll * world / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(nll) / n)
+        losses.append(float(nll.detach()) / n)
     return losses
 
 
