@@ -404,6 +404,7 @@ def stream_command(args: Any, *, quantizer: str | None, config: Any, lora: Any, 
     del skeleton, lq
     return quantize_pretrained_streamed(
         where.path, quantizer, config, out=args.out, lora=lora, targets=targets, plan=plan, batches=batches,
-        sink=sink_from_args(args), overwrite=args.overwrite, extra={"source_model": str(where.path)},
+        sink=sink_from_args(args, model_kind=where.kind if where.kind != "auto" else "causal-lm"),
+        overwrite=args.overwrite, extra={"source_model": str(where.path)},
         progress=not getattr(args, "no_progress", False),
     )

@@ -167,12 +167,21 @@ def test_bad_sink_settings() -> None:
     with pytest.raises(ValueError, match="a number"):
         parse_sink_share("half")
     assert parse_sink_share("none") is None
+    assert parse_sink_share("auto") == "auto"
 
 
 def test_cli_flags() -> None:
     p = argparse.ArgumentParser()
     add_sink_options(p, "calib-")
-    assert sink_from_args(p.parse_args([])) is None
+    assert sink_from_args(p.parse_args([])) is None  # auto without a model kind: natural
+    # auto (the default): re-weighted for a causal LM, natural for an encoder
+    assert sink_from_args(p.parse_args([]), model_kind="causal-lm") == SinkWeighting(tokens=1, share=0.5)
+    assert sink_from_args(p.parse_args([]), model_kind="encoder") is None
+    assert sink_from_args(p.parse_args(["--calib-sink-share", "none"]), model_kind="causal-lm") is None
+    # an explicit --skip-first wins over the default
+    assert sink_from_args(p.parse_args(["--calib-skip-first", "1"]), model_kind="causal-lm") == SinkWeighting(
+        tokens=1, share=0.0
+    )
     assert sink_from_args(p.parse_args(["--calib-sink-share", "0.5"])) == SinkWeighting(tokens=1, share=0.5)
     assert sink_from_args(p.parse_args(["--calib-skip-first", "2"])) == SinkWeighting(tokens=2, share=0.0)
     with pytest.raises(ValueError, match="not both"):

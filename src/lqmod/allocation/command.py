@@ -148,7 +148,7 @@ def hessian_stats(
     from lqmod.calibration.command import compute_stats, sink_from_args
     from lqmod.calibration.text import calibration_batches
 
-    sink = sink_from_args(args)
+    sink = sink_from_args(args, model_kind=model_kind)
     batches = calibration_batches(tokenizer, model_kind, args.calib_text, args.n_calib, length=args.calib_seq_len)
     cache_dir = str(StatsCache(args.calib_cache).root)
     return compute_stats(model, names, batches, {"hessian"}, cache_dir=cache_dir, text=args.calib_text,

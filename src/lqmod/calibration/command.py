@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lqmod.calibration.sinks import SinkWeighting, parse_sink_share
+from lqmod.calibration.sinks import SinkWeighting, parse_sink_share, resolve_auto
 from lqmod.types import LayerStats
 
 __all__ = [
@@ -61,11 +61,12 @@ def add_sink_options(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument(
         f"--{prefix}sink-share",
         type=parse_sink_share,
-        default=None,
+        default="auto",
         metavar="S",
         help="re-weight the first --sink-tokens tokens of every calibration window (a causal LM's attention "
-        "sink) to carry S of each layer's tr(X^T X), e.g. 0.5; 'none' (default) keeps the natural weights. "
-        "Measured on SmolLM2, OPTQ-3 needs 0.5 to beat NF3 (plugins/lqmod_optq/README.md)",
+        "sink) to carry S of each layer's tr(X^T X); 'none' keeps the natural weights; 'auto' (default) is 0.5 "
+        "for causal LMs and 'none' for encoders. Measured on SmolLM2, OPTQ-3 needs 0.5 to beat NF3 "
+        "(plugins/lqmod_optq/README.md)",
     )
     p.add_argument(f"--{prefix}sink-tokens", type=int, default=1, metavar="K",
                    help="tokens at the start of each window that --sink-share re-weights (default 1)")
@@ -78,10 +79,16 @@ def add_sink_options(p: argparse.ArgumentParser, prefix: str) -> None:
     )
 
 
-def sink_from_args(args: argparse.Namespace, prefix: str = "calib_") -> SinkWeighting | None:
-    """The sink weighting the ``add_sink_options`` flags ask for (None: natural weights)."""
+def sink_from_args(
+    args: argparse.Namespace, prefix: str = "calib_", *, model_kind: str | None = None
+) -> SinkWeighting | None:
+    """The sink weighting the ``add_sink_options`` flags ask for (None: natural weights);
+    ``model_kind`` resolves ``auto`` (``causal-lm``: re-weighted, anything else: natural)."""
     skip = int(getattr(args, f"{prefix}skip_first", 0) or 0)
-    share = getattr(args, f"{prefix}sink_share", None)
+    raw = getattr(args, f"{prefix}sink_share", None)
+    if skip and raw == "auto":
+        raw = None  # an explicit --skip-first overrides the default
+    share = resolve_auto(raw, model_kind)
     tokens = int(getattr(args, f"{prefix}sink_tokens", 1) or 1)
     if skip and share is not None:
         raise ValueError(
@@ -178,7 +185,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     batches = calibration_batches(
         tokenizer, where.kind, args.text, args.n, length=args.seq_len, batch_size=args.batch_size
     )
-    sink = sink_from_args(args, "")
+    sink = sink_from_args(args, "", model_kind=where.kind)
     cache = StatsCache(args.cache)
     key = _stats_key(cache, model, names, batches, args.kind, sink)
     hit = cache.load(key) is not None
@@ -228,7 +235,7 @@ def quantize_with_calibration(model: nn.Module, tokenizer: Any, model_kind: str,
         return quantize_model(model, **kwargs)
     needs = {s for name in lq.entries for s in lq.needs(name)}
     progress = not getattr(args, "no_progress", False)
-    sink = sink_from_args(args)
+    sink = sink_from_args(args, model_kind=model_kind)
     if args.sequential:
         given = None
         if needs - {"hessian"}:
