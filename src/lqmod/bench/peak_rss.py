@@ -3,7 +3,7 @@
 ``python -m lqmod.bench.peak_rss MODEL_DIR OUT --mode stream|memory [--config bits=4,...]
 [--quantizer nf] [--sequential --n-calib N --calib-seq-len L]`` prints one JSON line:
 the resident set before the step (after every import the step needs), the process's peak
-(``getrusage``'s ``ru_maxrss``), their difference (what the step itself added, at most) and
+(``VmHWM``, the high-water mark of its own address space), their difference (what the step itself added, at most) and
 the wall time. Run it as a subprocess: a peak is a property of a whole process.
 """
 
@@ -29,7 +29,13 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    # Not getrusage's ru_maxrss: Linux carries the *parent's* resident set at fork/exec into the
+    # child's ru_maxrss, so a probe spawned by a large process (a long pytest run) reports the
+    # parent's size. VmHWM belongs to the address space the exec created.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB; non-Linux fallback
 
 
 def _batches(model_dir: str, n: int, length: int, vocab: int) -> list[dict[str, Any]]:
