@@ -64,6 +64,42 @@ def reference_gram(
     return out
 
 
+def split_reference(
+    model: nn.Module, names: Sequence[str], batches: Sequence[Mapping[str, Any]], k: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """float64 (Gram of the first k real tokens, Gram of the others, real tokens) from raw inputs."""
+    first: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    rest: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with captured_inputs(model, names) as seen, torch.no_grad():
+        for b in batches:
+            for n in names:
+                seen[n].clear()
+            model(**b)
+            mask = b.get("attention_mask", torch.ones(b["input_ids"].shape, dtype=torch.long)).bool()
+            for n in names:
+                (x,) = seen[n]
+                for i in range(x.shape[0]):
+                    real = x[i][mask[i]].double()
+                    first[n].append(real[:k])
+                    rest[n].append(real[k:])
+    out = {}
+    for n in names:
+        f, r = torch.cat(first[n]), torch.cat(rest[n])
+        out[n] = (f.T @ f, r.T @ r, f.shape[0] + r.shape[0])
+    return out
+
+
+def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    lengths = batch["attention_mask"].sum(1)
+    ids = torch.zeros_like(batch["input_ids"])
+    mask = torch.zeros_like(batch["attention_mask"])
+    width = ids.shape[1]
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, width - n :] = batch["input_ids"][i, :n]
+        mask[i, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 class StepConfig(QuantizerConfig):
     step: float = 0.05
 

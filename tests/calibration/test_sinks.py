@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 import torch
-from calib_helpers import Recorder, captured_inputs, padded_batch
+from calib_helpers import Recorder, left_padded, padded_batch, split_reference
 from torch import nn
 
 from lqmod.calibration import HessianAccumulator, collect_hessians
@@ -17,49 +17,13 @@ from lqmod.calibration.sinks import SinkWeighting, parse_sink_share
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
 
 
-def split_reference(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], k: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    """float64 (Gram of the first k real tokens, Gram of the others, real tokens) from raw inputs."""
-    first: dict[str, list[torch.Tensor]] = {n: [] for n in NAMES}
-    rest: dict[str, list[torch.Tensor]] = {n: [] for n in NAMES}
-    with captured_inputs(model, NAMES) as seen, torch.no_grad():
-        for b in batches:
-            for n in NAMES:
-                seen[n].clear()
-            model(**b)
-            mask = b.get("attention_mask", torch.ones(b["input_ids"].shape, dtype=torch.long)).bool()
-            for n in NAMES:
-                (x,) = seen[n]
-                for i in range(x.shape[0]):
-                    real = x[i][mask[i]].double()
-                    first[n].append(real[:k])
-                    rest[n].append(real[k:])
-    out = {}
-    for n in NAMES:
-        f, r = torch.cat(first[n]), torch.cat(rest[n])
-        out[n] = (f.T @ f, r.T @ r, f.shape[0] + r.shape[0])
-    return out
-
-
-def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    lengths = batch["attention_mask"].sum(1)
-    ids = torch.zeros_like(batch["input_ids"])
-    mask = torch.zeros_like(batch["attention_mask"])
-    width = ids.shape[1]
-    for i, n in enumerate(lengths.tolist()):
-        ids[i, width - n :] = batch["input_ids"][i, :n]
-        mask[i, width - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize(("tokens", "share"), [(1, 0.5), (2, 0.25), (1, 0.9)])
 def test_sink_share_matches_float64_reference(tiny_llama: nn.Module, tokens: int, share: float) -> None:
     right = padded_batch(0)
     batches = [right, left_padded(padded_batch(1)), {"input_ids": right["input_ids"][:1]}]
     sink = SinkWeighting(tokens=tokens, share=share)
     stats = collect_hessians(tiny_llama, NAMES, batches, progress=False, sink=sink)
-    ref = split_reference(tiny_llama, batches, tokens)
+    ref = split_reference(tiny_llama, NAMES, batches, tokens)
     for name in NAMES:
         g_first, g_rest, n = ref[name]
         c = share * float(g_rest.trace()) / ((1 - share) * float(g_first.trace()))

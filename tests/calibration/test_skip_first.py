@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from calib_helpers import captured_inputs, padded_batch
+from calib_helpers import left_padded, padded_batch, split_reference
 
 from lqmod.calibration import collect_hessians
 from lqmod.calibration.sequential import quantize_model_sequential
@@ -14,33 +14,13 @@ NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "
 
 def reference(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], skip: int) -> dict[str, torch.Tensor]:
     """float64 X^T X over real tokens whose rank within their sequence is >= skip, from raw inputs."""
-    rows: dict[str, list[torch.Tensor]] = {n: [] for n in NAMES}
-    with captured_inputs(model, NAMES) as seen, torch.no_grad():
-        for b in batches:
-            for n in NAMES:
-                seen[n].clear()
-            model(**b)
-            mask = b.get("attention_mask", torch.ones(b["input_ids"].shape, dtype=torch.long)).bool()
-            for n in NAMES:
-                (x,) = seen[n]
-                for i in range(x.shape[0]):
-                    real = x[i][mask[i]]  # this sequence's real tokens, in order
-                    rows[n].append(real[skip:])
-    return {n: torch.cat(r).double().T @ torch.cat(r).double() for n, r in rows.items()}
+    return {n: rest for n, (_first, rest, _n) in split_reference(model, NAMES, batches, skip).items()}
 
 
 @pytest.mark.parametrize("skip", [1, 3])
 def test_skip_first_matches_float64_reference(tiny_llama: torch.nn.Module, skip: int) -> None:
     right = padded_batch(0)  # 12, 9 and 5 real tokens, right padding
-    left = padded_batch(1)
-    # left padding: the real tokens sit at the end, so "first" is not position 0
-    lengths = left["attention_mask"].sum(1)
-    left_ids = torch.zeros_like(left["input_ids"])
-    left_mask = torch.zeros_like(left["attention_mask"])
-    for i, n in enumerate(lengths.tolist()):
-        left_ids[i, 12 - n :] = left["input_ids"][i, :n]
-        left_mask[i, 12 - n :] = 1
-    batches = [right, {"input_ids": left_ids, "attention_mask": left_mask}, {"input_ids": right["input_ids"][:1]}]
+    batches = [right, left_padded(padded_batch(1)), {"input_ids": right["input_ids"][:1]}]
     stats = collect_hessians(tiny_llama, NAMES, batches, progress=False, skip_first=skip)
     ref = reference(tiny_llama, batches, skip)
     n_real = 2 * (12 + 9 + 5) + 12
