@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lqmod.quantize import QuantizationError
+from lqmod_optq import scale_codes
 
 __all__ = ["OPTQResult", "fit_grid", "inverse_cholesky", "normalised_hessian", "optq"]
 
@@ -97,12 +98,15 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float,
     )
 
 
-def fit_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_grid(
+    x: torch.Tensor, bits: int, sym: bool, scale_ref: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's min-max grid of each row of ``x``: (float16 scale, zero point in x's dtype).
 
     The range is widened to include 0 (so 0 is on the grid); a symmetric grid uses
     ``absmax`` on both sides and the fixed zero point ``2**(bits-1)``; an all-zero row gets
-    the range [-1, 1] as in GPTQ (its weights still round to exactly 0).
+    the range [-1, 1] as in GPTQ (its weights still round to exactly 0). With ``scale_ref``
+    the scale is the nearest level of the byte grid below it (:mod:`lqmod_optq.scale_codes`).
     """
     maxq = 2**bits - 1
     zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -115,6 +119,9 @@ def fit_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).to(torch.float16)
+    if scale_ref is not None:
+        raw = (xmax - xmin) / maxq
+        scale = scale_codes.table(scale_ref, x.device)[scale_codes.encode(raw, scale_ref).long()]
     if not bool(torch.isfinite(scale).all()):
         raise QuantizationError(
             f"a group's scale {float(((xmax - xmin) / maxq).max()):.4g} overflows float16, the storage type of "
@@ -145,12 +152,14 @@ def optq(
     damp: float = 0.01,
     block_size: int = 128,
     group_fit: str = "reference",
+    scale_ref: float | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> OPTQResult:
     """Quantize ``weight`` (out, in) against the normalised Hessian ``h`` (in, in, float64).
 
     ``group_size`` must divide ``in`` (pass ``in`` for one group per row). ``dtype`` is the
     arithmetic of the sweep: float32 for use, float64 to compare with a reference.
+    ``scale_ref``: take every scale from the byte grid below it (``scale_bits=8``).
     """
     out_f, in_f = weight.shape
     if in_f % group_size:
@@ -174,7 +183,7 @@ def optq(
     zeros = torch.empty(out_f, n_groups, dtype=dtype, device=weight.device)
     if static_groups:
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = fit_grid(w_all[:, g * group_size : (g + 1) * group_size], bits, sym)
+            scales[:, g], zeros[:, g] = fit_grid(w_all[:, g * group_size : (g + 1) * group_size], bits, sym, scale_ref)
 
     perm: torch.Tensor | None = None
     col_group = torch.arange(in_f, device=weight.device) // group_size  # by sweep position
@@ -205,7 +214,7 @@ def optq(
                     if group_fit == "updated"
                     else w_all[:, j : j + group_size]
                 )
-                scales[:, g], zeros[:, g] = fit_grid(current, bits, sym)
+                scales[:, g], zeros[:, g] = fit_grid(current, bits, sym, scale_ref)
             g = col_group_list[j]
             s = scales[:, g].to(dtype)
             z = zeros[:, g]

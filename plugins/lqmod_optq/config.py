@@ -21,7 +21,8 @@ class OPTQConfig(QuantizerConfig):
 
     ``w = (q - z) * s`` per group of ``group_size`` input columns of a row, with ``z`` fixed
     at ``2**(bits-1)`` when ``sym`` (no zero points stored) and a stored ``bits``-bit integer
-    otherwise; ``s`` is stored in float16.
+    otherwise; ``s`` is stored in float16, or as one byte on a per-matrix log grid
+    (``scale_bits=8``, :mod:`lqmod_optq.scale_codes`).
     """
 
     bits: Literal[2, 3, 4, 8] = Field(default=4, description="bits per weight code")
@@ -39,6 +40,11 @@ class OPTQConfig(QuantizerConfig):
         "consecutive columns even with desc_act (no g_idx needed)",
     )
     sym: bool = Field(default=True, description="symmetric grid, zero point 2**(bits-1), none stored")
+    scale_bits: Literal[16, 8] = Field(
+        default=16,
+        description="bits per group scale: 16 (float16, GPTQ's) or 8 (a byte on a log grid, 16 levels per "
+        "octave below a per-matrix float32 reference; the double quantization of NF's scales, for OPTQ)",
+    )
     damp: float = Field(default=0.01, gt=0.0, le=1.0, description="damping, a fraction of the mean Hessian diagonal")
     block_size: int = Field(default=128, ge=1, le=65536, description="lazy-batch width of the column sweep")
     group_fit: Literal["reference", "updated"] = Field(

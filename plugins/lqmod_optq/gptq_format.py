@@ -34,7 +34,7 @@ from lqmod.packing import pack_codes, unpack_codes
 from lqmod.quantize import QuantizationError
 from lqmod.types import QuantizedWeight
 from lqmod_optq.config import NAME, OPTQConfig, stores_g_idx
-from lqmod_optq.quantizer import column_groups, zero_points
+from lqmod_optq.quantizer import column_groups, group_scales, zero_points
 
 __all__ = ["CHECKPOINT_FORMATS", "GPTQ_BITS", "from_gptq", "pack_int32", "to_gptq", "unpack_int32"]
 
@@ -134,7 +134,8 @@ def to_gptq(qweight: QuantizedWeight, *, checkpoint_format: str = "gptq") -> dic
     return {
         "qweight": pack_int32(codes.T, bits),
         "qzeros": qzeros,
-        "scales": t["scales"].T.contiguous(),
+        # Byte scales (scale_bits=8) decode to float16 levels: GPTQ's float16 scales hold them exactly.
+        "scales": group_scales(qweight.to("cpu")).T.contiguous(),
         "g_idx": column_groups(qweight.to("cpu")).to(torch.int32),
     }
 
@@ -203,7 +204,9 @@ def from_gptq(
     trivial = torch.equal(g, torch.arange(in_f) // gs)
     is_sym = sym and bool((zeros == 2 ** (bits - 1)).all())
 
-    fields: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": is_sym}
+    # GPTQ stores float16 scales: a weight written from byte scales comes back with scale_bits=16
+    # (same values, same materialize).
+    fields: dict[str, Any] = {"bits": bits, "group_size": group_size, "sym": is_sym, "scale_bits": 16}
     if config is not None:
         given = config.model_dump() if isinstance(config, OPTQConfig) else dict(config)
         fields = {**given, **fields}

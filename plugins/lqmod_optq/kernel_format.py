@@ -20,7 +20,7 @@ from lqmod.kernels.formats import LutFormat
 from lqmod.kernels.native import available as native_available
 from lqmod.kernels.native import lut_materialize_raw
 from lqmod.types import QuantizedWeight
-from lqmod_optq.quantizer import zero_points
+from lqmod_optq.quantizer import group_scales, zero_points
 
 __all__ = ["lut_format"]
 
@@ -31,14 +31,14 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
     out_f, in_f = qweight.shape
     group = in_f if int(cfg["group_size"]) == -1 else int(cfg["group_size"])
     sym = bool(cfg["sym"])
-    scales = qweight.tensors["scales"].float()
+    scales = group_scales(qweight).float()
     if sym:
         zeros = None
     elif scales.device.type == "cpu" and native_available():
         # The offsets -z * s are themselves a LUT weight: z's packed codes, table -arange, one
         # scale each; the compiled kernel decodes them without unpacking z to int64 first.
         zeros = lut_materialize_raw(
-            qweight.tensors["zeros"], bits, tuple(scales.shape), _table(bits, False, scales.device, True), scales, 1
+            qweight.tensors["zeros"], bits, (scales.shape[0], scales.shape[1]), _table(bits, False, scales.device, True), scales, 1
         )
     else:
         zeros = -zero_points(qweight).float() * scales

@@ -17,8 +17,12 @@ def layout(cfg: OPTQConfig, shape: tuple[int, int]) -> TensorLayout:
     groups = n_groups_for(cfg, in_f)
     expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
         "codes": ((packed_nbytes(out_f * in_f, cfg.bits),), torch.uint8),
-        "scales": ((out_f, groups), torch.float16),
     }
+    if cfg.scale_bits == 8:
+        expected["scale_codes"] = ((out_f, groups), torch.uint8)
+        expected["scale_ref"] = ((1,), torch.float32)
+    else:
+        expected["scales"] = ((out_f, groups), torch.float16)
     if not cfg.sym:
         expected["zeros"] = ((packed_nbytes(out_f * groups, cfg.bits),), torch.uint8)
     if stores_g_idx(cfg, in_f):
@@ -28,6 +32,10 @@ def layout(cfg: OPTQConfig, shape: tuple[int, int]) -> TensorLayout:
 
 def validate(qweight: QuantizedWeight, cfg: OPTQConfig) -> None:
     check_tensor_layout(qweight, layout(cfg, qweight.shape))
+    ref = qweight.tensors.get("scale_ref")
+    if ref is not None and not (bool(torch.isfinite(ref).all()) and float(ref[0]) > 0):
+        # the byte grid's levels are fractions of it: zero, negative or non-finite levels would be garbage
+        raise ValueError(f"scale_ref is {float(ref[0])}; the reference of the byte scales must be finite and > 0")
     g_idx = qweight.tensors.get("g_idx")
     if g_idx is not None and g_idx.numel():
         groups = n_groups_for(cfg, qweight.shape[1])

@@ -20,6 +20,7 @@ class TestOPTQContract(QuantizerContract):
         {"bits": 3, "group_size": 64, "desc_act": True, "sym": False},
         {"bits": 2, "group_size": -1, "sym": False, "block_size": 32},
         {"bits": 8, "group_size": 32, "desc_act": True, "static_groups": True},
+        {"bits": 3, "group_size": 32, "sym": False, "scale_bits": 8},  # byte scales
     ]
 
     def stats(self, weight: torch.Tensor) -> LayerStats | None:

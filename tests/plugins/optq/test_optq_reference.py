@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from optq_testdata import calibration_inputs, hessian_stats, objective
@@ -32,12 +34,24 @@ def reference_grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
     return scale, zero
 
 
+Grid = Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
 def reference_optq(
-    w: torch.Tensor, h: torch.Tensor, *, bits: int, group_size: int, sym: bool, damp: float, desc_act: bool
+    w: torch.Tensor,
+    h: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    damp: float,
+    desc_act: bool,
+    grid: Grid = reference_grid,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unblocked OPTQ in float64: every update applied to every later column at once.
 
-    Returns the dequantized weight and the codes, both in the original column order.
+    Returns the dequantized weight and the codes, both in the original column order; ``grid``
+    fits a group's (scale, zero point).
     """
     w = w.double().clone()
     h = h.double().clone()
@@ -53,7 +67,7 @@ def reference_optq(
     codes = torch.zeros(w.shape, dtype=torch.int64)
     for j in range(n):
         if j % group_size == 0:
-            scale, zero = reference_grid(w[:, j : j + group_size], bits, sym)
+            scale, zero = grid(w[:, j : j + group_size], bits, sym)
         q = torch.clamp(torch.round(w[:, j] / scale) + zero, 0, 2**bits - 1)
         codes[:, j] = q.long()
         q_all[:, j] = (q - zero) * scale
