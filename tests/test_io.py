@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lqmod.io as lio
+import lqmod.io.tensor_files as tensor_files
 from lqmod.model import iter_lora_layers, quantize_model
 
 
@@ -92,7 +93,7 @@ def test_failed_save_leaves_nothing_half_written(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(lio, "save_file", boom)
+    monkeypatch.setattr(tensor_files, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         lio.save_checkpoint(model, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
@@ -104,7 +105,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(
     model = _trained(tiny_llama)
     lio.save_checkpoint(model, tmp_path / "c")
     before = (tmp_path / "c" / "lqmod.json").read_text()
-    monkeypatch.setattr(lio, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(tensor_files, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         lio.save_checkpoint(model, tmp_path / "c", overwrite=True)
     assert (tmp_path / "c" / "lqmod.json").read_text() == before
