@@ -13,6 +13,7 @@ examples:
   lqmod bench --model minilm --quick
   lqmod bench --model minilm --quantizers "nf:bits=4,blocksize=64;rtn:bits=4" --baselines "bnb-nf4:blocksize=64"
   lqmod bench --model smollm2 --baselines none --finetune-steps 10 --out benchmarks/results
+  lqmod bench adapters --model minilm      (a mode: lqmod bench MODE --help; its options after its name)
 
 specs: name or name:key=value,...; rows joined with ';'. Baselines: bnb-nf4, bnb-fp4, hqq,
 loftq, torchao-nf4, gptq (a row that cannot run is reported with its reason).
@@ -53,6 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny matrix and data (a smoke test in about a minute)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_command)
+    from lqmod.bench.modes import register_modes
+
+    # Not required: plain ``lqmod bench`` stays the quantizer matrix.
+    register_modes(p.add_subparsers(dest="bench_mode", metavar="MODE", title="modes"))
 
 
 def run_command(args: argparse.Namespace) -> int:
