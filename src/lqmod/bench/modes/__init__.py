@@ -13,7 +13,7 @@ import importlib
 
 __all__ = ["MODES", "register_modes"]
 
-MODES: tuple[str, ...] = ("adapters",)
+MODES: tuple[str, ...] = ("init", "adapters")
 
 
 def register_modes(modes: argparse._SubParsersAction) -> None:
