@@ -32,9 +32,7 @@ def test_warmup_then_cosine_schedule(quantized_llama: torch.nn.Module, data: Pac
     cfg = FinetuneConfig(steps=10, warmup_steps=3, lr=1e-2, micro_batch_size=2, seq_len=16)
     lrs: list[float] = []
     train_causal_lm(quantized_llama, data, cfg, progress=False, callbacks=[lambda s: lrs.append(s.lr)])
-    want = [1e-2 * s / 3 for s in range(3)] + [
-        1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7)) for s in range(3, 10)
-    ]
+    want = [1e-2 * s / 3 for s in range(3)] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7)) for s in range(3, 10)]
     assert lrs == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
@@ -98,8 +96,9 @@ def test_resume_reaches_the_same_adapters(
     from lqmod.model import quantize_model
 
     # Dropout on: the resumed run must also restore the RNG to match.
-    quantize_model(tiny_llama, "nf", {"bits": 4, "blocksize": 32}, lora={"r": 4, "alpha": 8, "dropout": 0.2},
-                   progress=False)
+    quantize_model(
+        tiny_llama, "nf", {"bits": 4, "blocksize": 32}, lora={"r": 4, "alpha": 8, "dropout": 0.2}, progress=False
+    )
     start = copy.deepcopy(tiny_llama)
     cfg = FinetuneConfig(steps=6, micro_batch_size=2, grad_accum=2, seq_len=16, lr=5e-3, save_every=2, eval_every=3)
     held = data.take(2)
@@ -111,12 +110,14 @@ def test_resume_reaches_the_same_adapters(
 
     victim = copy.deepcopy(start)
     with pytest.raises(_Interrupt):
-        train_causal_lm(victim, data, cfg, eval_data=held, run_dir=tmp_path / "b", progress=False,
-                        callbacks=[stop_at_4])
+        train_causal_lm(
+            victim, data, cfg, eval_data=held, run_dir=tmp_path / "b", progress=False, callbacks=[stop_at_4]
+        )
     # A fresh process: the starting checkpoint again, then --resume.
     resumed_model = copy.deepcopy(start)
-    resumed = train_causal_lm(resumed_model, data, cfg, eval_data=held, run_dir=tmp_path / "b", resume=True,
-                              progress=False)
+    resumed = train_causal_lm(
+        resumed_model, data, cfg, eval_data=held, run_dir=tmp_path / "b", resume=True, progress=False
+    )
     assert resumed.resumed_from == 4
     uninterrupted = copy.deepcopy(start)
     train_causal_lm(uninterrupted, data, cfg, run_dir=tmp_path / "c", progress=False)
@@ -137,8 +138,9 @@ def test_resume_with_other_settings_is_refused(
     cfg = FinetuneConfig(steps=2, micro_batch_size=2, seq_len=16)
     train_causal_lm(quantized_llama, data, cfg, run_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="another config, training data"):
-        train_causal_lm(quantized_llama, data, cfg.model_copy(update={"lr": 0.5}), run_dir=tmp_path, resume=True,
-                        progress=False)
+        train_causal_lm(
+            quantized_llama, data, cfg.model_copy(update={"lr": 0.5}), run_dir=tmp_path, resume=True, progress=False
+        )
 
 
 def _lora_grads(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,8 +182,11 @@ def test_bf16_autocast_on_cpu_trains(quantized_llama: torch.nn.Module, data: Pac
     ref = FinetuneConfig(steps=3, micro_batch_size=2, seq_len=16, precision="fp32", lr=1e-2)
     assert all(math.isfinite(x) for x in res.losses)
     assert res.evals[0]["eval_loss"] == pytest.approx(
-        train_causal_lm(quantized_llama, data, ref.model_copy(update={"steps": 1}), eval_data=data.take(2),
-                        progress=False).evals[0]["eval_loss"], rel=0.05)
+        train_causal_lm(
+            quantized_llama, data, ref.model_copy(update={"steps": 1}), eval_data=data.take(2), progress=False
+        ).evals[0]["eval_loss"],
+        rel=0.05,
+    )
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         train_causal_lm(quantized_llama, data, cfg.model_copy(update={"precision": "fp16"}), progress=False)
 
@@ -193,3 +198,16 @@ def test_bad_settings_are_refused(quantized_llama: torch.nn.Module, data: Packed
         FinetuneConfig(steps=4, warmup_steps=9)
     with pytest.raises(ValueError, match="finite"):
         FinetuneConfig(lr=float("inf"))
+
+
+def test_resume_into_renamed_parameters_names_the_first_difference(tmp_path: Path) -> None:
+    from lqmod.train.state import TrainState, load_state, save_state
+
+    saved = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    opt = torch.optim.AdamW(saved.parameters())
+    path = save_state(tmp_path, saved, opt, TrainState(step=1, fingerprint="f", scheduler={}))
+    # Same number of tensors, other names: a module renamed between the save and the resume.
+    renamed = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(2, 2))
+    want = r"2 named tensors, #0 '0\.weight'\) than this model has \(2, #0 '1\.weight'\)"
+    with pytest.raises(ValueError, match=want):
+        load_state(path, renamed, torch.optim.AdamW(renamed.parameters()))

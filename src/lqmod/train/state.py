@@ -114,9 +114,7 @@ def latest_state(run_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_JSON).is_file()
     ]
     return max(found)[1] if found else None
 
@@ -140,9 +138,17 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *
     meta = json.loads((path / STATE_JSON).read_text())
     params = _trainable(model)
     if list(params) != meta["param_names"]:
+        saved, have = meta["param_names"], list(params)
+        # Name the first difference: equal counts with other names (a renamed module) would
+        # otherwise read as a contradiction.
+        pairs = enumerate(zip(saved, have, strict=False))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(have)))
+        was = saved[first] if first < len(saved) else "(none)"
+        now = have[first] if first < len(have) else "(none)"
         raise ValueError(
-            f"state {path} was saved for other trainable parameters ({len(meta['param_names'])} "
-            f"named tensors) than this model has ({len(params)}): resume from the same checkpoint"
+            f"state {path} was saved for other trainable parameters ({len(saved)} named tensors, #{first} "
+            f"{was!r}) than this model has ({len(have)}, #{first} {now!r}): resume from the same checkpoint "
+            "and lqmod version, or start a new run directory"
         )
     stored = load_file(str(path / "trainable.safetensors"))
     with torch.no_grad():
