@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["print_summary", "register", "run_command", "write_plan"]
+__all__ = ["kfac_fisher_stats", "print_summary", "register", "run_command", "write_plan"]
 
 EPILOG = """\
 examples:
@@ -17,6 +17,7 @@ examples:
   lqmod plan --model minilm --budget 12MiB --allocator greedy --quantizers nf,rtn --out plan.json
   lqmod plan --model smollm2 --budget 2.75 --fisher --calib-text wikitext2 --n-calib 64 --out plan.json
   lqmod plan --model smollm2 --budget 3.25 --error output --calib-text wikitext2 --n-calib 64 --out plan.json
+  lqmod plan --model minilm --budget 3.25 --error kfac --n-calib 128 --out plan.json
   lqmod quantize minilm --plan plan.json --out ckpt
 
 budget: average bits per parameter of the quantized matrices ('3.25', '3.25bits') or their total
@@ -26,8 +27,11 @@ size in bytes ('40MB', '12MiB', '1234567B'). Error-table rows are cached under $
 error measures (--error): frobenius ||W - Q||^2 (weight space); fisher, the diagonal-Fisher
 weighted one (same as --fisher); output, the calibrated output error tr((W - Q) H (W - Q)^T) / n
 with H = sum x x^T of each layer's inputs on the calibration text (also what lets OPTQ and the
-QuIP#-like quantizer, which need H, into the table). The Hessians go through the statistics
-cache (--calib-cache, as `lqmod calibrate` and `lqmod quantize --calib-cache` use it).
+QuIP#-like quantizer, which need H, into the table); kfac, the K-FAC second-order loss change
+sum_i G_i (dW H dW^T)_ii / n with each output's squared loss gradient G_i read off the diagonal
+Fisher, so layers are weighed by how much the loss cares (needs both the Fisher and H). The
+Hessians go through the statistics cache (--calib-cache, as `lqmod calibrate` and `lqmod
+quantize --calib-cache` use it).
 """
 
 
@@ -53,10 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fisher", action="store_true", help="weight errors by a diagonal Fisher (= --error fisher)")
     p.add_argument(
         "--error",
-        choices=("auto", "frobenius", "fisher", "output"),
+        choices=("auto", "frobenius", "fisher", "output", "kfac"),
         default="auto",
         help="error measure of the table (default auto: fisher with --fisher, else frobenius); output = "
-        "tr(dW H dW^T)/n from calibration Hessians",
+        "tr(dW H dW^T)/n from calibration Hessians; kfac = Fisher-weighted output error (Fisher and Hessians)",
     )
     p.add_argument(
         "--calib-text", default="wikitext2", help="calibration text: wikitext2 (--fisher); wikitext2 | ptb | a file"
@@ -66,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--hessian",
         action="store_true",
         help="gather calibration Hessians, so quantizers that need them (optq, quip) enter the table whatever "
-        "the error measure (implied by --error output)",
+        "the error measure (implied by --error output and --error kfac)",
     )
     p.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration window (Hessians)")
     add_sink_options(p, "calib-")
@@ -130,6 +134,23 @@ def fisher_stats(
     return {n: LayerStats(fisher=f) for n, f in fisher.items()}
 
 
+def kfac_fisher_stats(
+    model: Any, tokenizer: Any, model_kind: str, names: list[str], args: argparse.Namespace, *, progress: bool = True
+) -> dict[str, Any]:
+    """Diagonal Fisher on the very batches the Hessians are gathered from.
+
+    kfac reads each output's squared gradient off ``F`` by dividing by the mean ``||x||^2`` that
+    ``H`` measures, which holds when both saw the same tokens.
+    """
+    from lqmod.calibration import diagonal_fisher
+    from lqmod.calibration.text import calibration_batches
+    from lqmod.types import LayerStats
+
+    batches = calibration_batches(tokenizer, model_kind, args.calib_text, args.n_calib, length=args.calib_seq_len)
+    fisher = diagonal_fisher(model, names, batches, progress=progress)
+    return {n: LayerStats(fisher=f) for n, f in fisher.items()}
+
+
 def _error_measure(args: argparse.Namespace) -> str:
     """--error, with --fisher as its older spelling; a clash is an error, not a silent choice."""
     error = str(getattr(args, "error", "auto"))
@@ -188,7 +209,9 @@ def run_command(args: argparse.Namespace) -> int:
     if error == "fisher":
         texts = _calibration_texts(args.calib_text, args.n_calib, where.kind)
         stats = fisher_stats(model, tokenizer, names, texts, progress=not args.no_progress)
-    if error == "output" or getattr(args, "hessian", False):
+    elif error == "kfac":
+        stats = kfac_fisher_stats(model, tokenizer, where.kind, names, args, progress=not args.no_progress)
+    if error in ("output", "kfac") or getattr(args, "hessian", False):
         hess = hessian_stats(model, tokenizer, where.kind, names, args, progress=not args.no_progress)
         stats = hess if stats is None else {
             n: LayerStats(h.hessian, h.n_tokens, stats[n].fisher, h.act_absmean) for n, h in hess.items()

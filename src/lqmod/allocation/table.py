@@ -10,6 +10,14 @@ Built matrix by matrix (a progress bar per matrix), each option's result written
   LayerStats.hessian`` (``sum x x^T`` over ``n = LayerStats.n_tokens`` calibration tokens), i.e.
   the mean over calibration tokens of ``||(W - Q) x||^2``: what OPTQ and QuIP# minimise, and
   summed over matrices the quantity a plan trades off;
+* ``"kfac"``: the second-order loss change ``vec(dW)^T F vec(dW)`` with the weight Fisher ``F``
+  in its K-FAC form (output gradients independent of inputs, and of other tokens'):
+  ``F ~ A (x) diag(G)`` with ``A = H / n``, i.e. ``sum_i G_i (dW H dW^T)_ii / n``, where ``G_i``,
+  the mean squared loss gradient at output ``i`` (per example, tokens summed), is read off the
+  diagonal Fisher: ``G_i = n * sum_j F_ij / tr(H)`` (derivation at :func:`kfac_error`). Each
+  layer's output error is weighted by how much the loss cares about it, so the terms of
+  different layers are in one unit (loss) and their sum is what a plan should trade off,
+  where ``"output"`` weights layers by their activation scale. Needs ``fisher`` and ``hessian``;
 * ``"auto"`` (the default): ``"fisher"`` when the statistics hold Fishers, else ``"frobenius"``.
 
 Every matrix must carry the statistic its measure reads. Sums run in float64.
@@ -47,6 +55,7 @@ __all__ = [
     "MatrixInfo",
     "build_error_table",
     "build_model_error_table",
+    "kfac_error",
     "output_error",
     "resolve_error_measure",
     "weighted_error",
@@ -55,9 +64,13 @@ __all__ = [
 CacheArg = TableCache | str | os.PathLike[str] | bool | None
 # Rows of at most this many elements are reduced at a time: float64 temporaries stay small.
 _CHUNK = 1 << 22
-ERROR_MEASURES = ("auto", "frobenius", "fisher", "output")
-# The statistic each measure reads (the table's `weighting` names the measure it used).
-_NEEDS = {"fisher": "fisher", "output": "hessian"}
+ERROR_MEASURES = ("auto", "frobenius", "fisher", "output", "kfac")
+# The statistics each measure reads (the table's `weighting` names the measure it used).
+_NEEDS: dict[str, tuple[str, ...]] = {"fisher": ("fisher",), "output": ("hessian",), "kfac": ("fisher", "hessian")}
+_HINTS = {
+    "fisher": "give a diagonal Fisher for every target matrix or for none (lqmod.calibration.diagonal_fisher)",
+    "hessian": "compute Hessians for every target (lqmod.calibration.collect_hessians)",
+}
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,42 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return total / n_tokens if n_tokens > 0 else total
 
 
+def kfac_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor) -> float:
+    """``sum_i G_i (dW H dW^T)_ii / n`` with ``G_i = n sum_j F_ij / tr(H)``, in float64.
+
+    ``fisher`` is the (out, in) diagonal Fisher, ``hessian`` the (in, in) ``sum x x^T``.
+    Returns 0 for a layer whose inputs were all zero (``tr(H) = 0``: no output error either).
+    """
+    # Where G_i comes from. lqmod.calibration.diagonal_fisher returns the mean over E examples
+    # of the squared per-example gradient, F_ij = (1/E) sum_e (sum_{t in e} g_ti x_tj)^2, with
+    # g_t = dL_e/dy_t the output gradient at token t (the example's tokens are summed inside the
+    # square). collect_hessians returns H = sum_t x_t x_t^T, a *sum* over its n tokens. K-FAC
+    # drops the cross-token terms and takes g independent of x, so with T = (tokens in F's
+    # examples) / E the full Fisher is F_full ~ T E_t[x x^T] (x) E_t[g g^T] = A (x) S and its
+    # diagonal F_ij ~ T S_ii A_jj; summing over j, sum_j F_ij ~ T S_ii tr(A). A is estimated
+    # from H as H / n, so G_i := T S_ii = sum_j F_ij / (tr(H) / n): dividing by tr(H) / n, the
+    # mean ||x||^2 per token, is what makes F's per-example mean and H's token sum consistent.
+    # The loss change vec(dW)^T (A (x) diag(G)) vec(dW) = sum_i G_i (dW A dW^T)_ii then is
+    # sum_i (sum_j F_ij) (dW H dW^T)_ii / tr(H): n cancels, and so does any rescaling of H (a
+    # sink weighting included). It is in the units of the per-example loss that F was taken of.
+    h = hessian.double()
+    trace = float(h.diagonal().sum())
+    if trace <= 0.0:
+        return 0.0
+    rows = max(1, _CHUNK // max(1, weight.shape[1]))
+    total = 0.0
+    for start in range(0, weight.shape[0], rows):
+        d = weight[start : start + rows].double() - approx[start : start + rows].double()
+        per_output = ((d @ h) * d).sum(1)  # (dW H dW^T)_ii, >= 0 up to rounding
+        g = fisher[start : start + rows].double().sum(1)
+        total += float((g * per_output.clamp(min=0.0)).sum())
+    return total / trace
+
+
+def _missing_fields(error: str, stats: LayerStats | None) -> list[str]:
+    return [f for f in _NEEDS.get(error, ()) if stats is None or getattr(stats, f) is None]
+
+
 def resolve_error_measure(error: str, names: list[str], stats: Mapping[str, LayerStats] | None) -> str:
     """The measure ``error`` stands for (``"auto"`` resolved); raises if a matrix lacks its statistic."""
     if error not in ERROR_MEASURES:
@@ -155,22 +204,22 @@ def resolve_error_measure(error: str, names: list[str], stats: Mapping[str, Laye
     if error == "auto":
         has_fisher = bool(stats) and any(s is not None and s.fisher is not None for s in (stats or {}).values())
         error = "fisher" if has_fisher else "frobenius"
-    field_name = _NEEDS.get(error)
-    if field_name is None:
-        return error
-    have = [n for n in names if stats and stats.get(n) is not None and getattr(stats[n], field_name) is not None]
-    missing = [n for n in names if n not in have]
-    if missing:
-        hint = (
-            "errors must be weighted alike: give a Fisher for every target matrix or for none"
-            if error == "fisher"
-            else "compute Hessians for every target (lqmod.calibration.collect_hessians)"
-        )
-        raise ValueError(
-            f"error measure {error!r} needs stats.{field_name} for every matrix; given for {len(have)} of "
-            f"{len(names)} (missing e.g. {missing[:3]}): {hint}"
-        )
+    for field_name in _NEEDS.get(error, ()):
+        have = [n for n in names if stats and stats.get(n) is not None and getattr(stats[n], field_name) is not None]
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(
+                f"error measure {error!r} needs stats.{' and stats.'.join(_NEEDS[error])} for every matrix; "
+                f"stats.{field_name} given for {len(have)} of {len(names)} (missing e.g. {missing[:3]}): "
+                f"{_HINTS[field_name]}, or use a measure the statistics allow ({_allowed(names, stats)})"
+            )
     return error
+
+
+def _allowed(names: list[str], stats: Mapping[str, LayerStats] | None) -> str:
+    """The measures the statistics can feed for every one of ``names``, for error messages."""
+    ok = [m for m in ERROR_MEASURES[1:] if all(not _missing_fields(m, (stats or {}).get(n)) for n in names)]
+    return ", ".join(ok)
 
 
 def _weighting(names: list[str], stats: Mapping[str, LayerStats] | None, error: str = "auto") -> str:
@@ -181,10 +230,14 @@ def _measures_for(weighting: str, stats: LayerStats | None, shape: tuple[int, in
     """``weighting`` first, then every other measure ``stats`` can feed for an (out, in) matrix."""
     out = [weighting]
     extra = ["frobenius"]
-    if stats is not None and stats.hessian is not None and tuple(stats.hessian.shape) == (shape[1], shape[1]):
+    has_h = stats is not None and stats.hessian is not None and tuple(stats.hessian.shape) == (shape[1], shape[1])
+    has_f = stats is not None and stats.fisher is not None and tuple(stats.fisher.shape) == shape
+    if has_h:
         extra.append("output")
-    if stats is not None and stats.fisher is not None and tuple(stats.fisher.shape) == shape:
+    if has_f:
         extra.append("fisher")
+    if has_h and has_f:
+        extra.append("kfac")
     return out + [m for m in extra if m != weighting]
 
 
@@ -219,6 +272,9 @@ def _measure(
         if measure == "output":
             assert stats is not None and stats.hessian is not None  # _measures_for checked it
             error = output_error(weight, approx, stats.hessian, stats.n_tokens)
+        elif measure == "kfac":
+            assert stats is not None and stats.hessian is not None and stats.fisher is not None
+            error = kfac_error(weight, approx, stats.hessian, stats.fisher)
         else:
             error = weighted_error(weight, approx, stats.fisher if measure == "fisher" and stats is not None else None)
         if math.isfinite(error):
@@ -226,6 +282,32 @@ def _measure(
         else:
             out[measure] = {"label": option.label, "skipped": f"non-finite error {error!r}"}
     return out
+
+
+def _check_stats(name: str, weight: torch.Tensor, stats: LayerStats | None, weighting: str) -> None:
+    """The statistics ``weighting`` reads are present and shaped for this (out, in) weight."""
+    missing = _missing_fields(weighting, stats)
+    if missing:
+        what = {"fisher": "stats.fisher (diagonal Fisher)", "hessian": "stats.hessian (sum of x x^T)"}
+        raise ValueError(
+            f"{name}: error measure {weighting!r} needs {' and '.join(what[f] for f in _NEEDS[weighting])} for "
+            f"every matrix; this one lacks {', '.join(what[f] for f in missing)}: give it for every matrix, or "
+            f"use a measure its statistics allow ({_allowed([name], {name: stats} if stats else None)})"
+        )
+    fields_read = _NEEDS.get(weighting, ())
+    if stats is None or not fields_read:
+        return
+    if "fisher" in fields_read and stats.fisher is not None and tuple(stats.fisher.shape) != tuple(weight.shape):
+        raise ValueError(
+            f"{name}: Fisher shape {tuple(stats.fisher.shape)} differs from the (out, in) weight shape "
+            f"{tuple(weight.shape)}"
+        )
+    square = (weight.shape[1], weight.shape[1])
+    if "hessian" in fields_read and stats.hessian is not None and tuple(stats.hessian.shape) != square:
+        raise ValueError(
+            f"{name}: Hessian shape {tuple(stats.hessian.shape)} is not (in, in) = {square} for the (out, in) "
+            f"weight {tuple(weight.shape)}"
+        )
 
 
 def _resolve_cache(cache: CacheArg) -> TableCache | None:
@@ -269,27 +351,7 @@ def build_error_table(
         if weight.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
         layer_stats = stats.get(name) if stats else None
-        fisher = layer_stats.fisher if layer_stats is not None else None
-        if weighting == "fisher":
-            if fisher is None:
-                raise ValueError(f"{name}: no Fisher statistics, but other matrices have them; give all or none")
-            if tuple(fisher.shape) != tuple(weight.shape):
-                raise ValueError(
-                    f"{name}: Fisher shape {tuple(fisher.shape)} differs from the (out, in) weight shape "
-                    f"{tuple(weight.shape)}"
-                )
-        if weighting == "output":
-            hessian = layer_stats.hessian if layer_stats is not None else None
-            if hessian is None:
-                raise ValueError(
-                    f"{name}: error measure 'output' needs stats.hessian (sum of x x^T) for every matrix; "
-                    "this one has none"
-                )
-            if tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
-                raise ValueError(
-                    f"{name}: Hessian shape {tuple(hessian.shape)} is not (in, in) = "
-                    f"({weight.shape[1]}, {weight.shape[1]}) for the (out, in) weight {tuple(weight.shape)}"
-                )
+        _check_stats(name, weight, layer_stats, weighting)
         info = MatrixInfo(name, (int(weight.shape[0]), int(weight.shape[1])), tensor_hash(weight))
         table.matrices[name] = info
         s_key = stats_hash(layer_stats)
@@ -343,7 +405,7 @@ def build_model_error_table(
 ) -> ErrorTable:
     """The error table of every matrix ``targets`` selects in ``model``, over every option of ``quantizers``.
 
-    ``error``: ``"auto"``, ``"frobenius"``, ``"fisher"`` or ``"output"`` (see the module docstring).
+    ``error``: ``"auto"``, ``"frobenius"``, ``"fisher"``, ``"output"`` or ``"kfac"`` (see the module docstring).
     """
     registry = registry or get_registry()
     target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
