@@ -168,14 +168,16 @@ def _rows() -> list[LMRow]:
 
 
 ROWS: list[LMRow] = _rows()
-# The rows a plain run computes: about an hour (estimated 60-75 min) on an idle 2-core CPU at
-# the FULL settings (~3-4 min per row for evaluation and training; ~8 min more for each
-# sequential OPTQ, ~5 for each lq-lora over NF, ~20 for the plans' error table, shared by both
-# budgets). The others are selected by
-# name (or --rows all): each OPTQ/plan row with lq-lora re-runs OPTQ up to lq_iters times per
-# layer, and the QuIP#-like quantizer takes ~10-70 s per 576 x 576 matrix on this CPU.
-DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf3+lq-lora", "nf2+lq-lora", "optq3", "optq2",
-                "optq3-g96-s8", "plan3.25", "plan2.75", "plan3.25-frob", "plan2.75-frob")  # fmt: skip
+# The rows a plain run computes: about an hour on an idle 2-core CPU at the FULL settings with
+# --eval-tokens 4096 (measured 2026-12-01, torch 2 threads, row by row: ~1 min of training and
+# evaluation per row; quantizing NF 0.5-1.2 min, lq-lora over NF ~0.7 min, sequential OPTQ 2.5
+# min, QuIP#-like 7 min, the plans' error table 4.6 min shared by all four plan rows). The rows
+# left out are the lq-lora rows over OPTQ, QuIP and the plans: lq-lora re-runs the Hessian-aware
+# quantizer up to lq_iters times per layer (estimated 25 min per OPTQ/plan row, over an hour per
+# QuIP row); select them by name or with --rows all.
+DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf4+lq-lora", "nf3+lq-lora", "nf2+lq-lora", "quip3",
+                "quip2", "optq3", "optq2", "optq3-g96-s8", "plan3.25", "plan2.75", "plan3.25-frob",
+                "plan2.75-frob")  # fmt: skip
 
 
 def select_rows(patterns: str | Sequence[str] | None, rows: Sequence[LMRow] = ROWS) -> list[LMRow]:
