@@ -13,7 +13,7 @@ import importlib
 
 __all__ = ["MODES", "register_modes"]
 
-MODES: tuple[str, ...] = ("init", "adapters")
+MODES: tuple[str, ...] = ("init", "adapters", "icq")
 
 
 def register_modes(modes: argparse._SubParsersAction) -> None:
