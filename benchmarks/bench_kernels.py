@@ -12,7 +12,11 @@ of load from other processes on a shared machine hits all of them alike):
 
 Formats (weights synthesised with random codes of each quantizer's own tensor layout;
 materialize cost does not depend on the values): NF4/NF3 (blocksize 64, double
-quantization), OPTQ 4/3/2-bit (group 128, asymmetric) and 4-bit act-order, RTN 4-bit.
+quantization), OPTQ 4/3/2-bit (group 128, asymmetric) and 4-bit act-order (groups of 128
+and of 32 columns scattered over the row, as GPTQ's g_idx makes them: 8 and 32 groups at
+1024 columns, 32 and 128 at 4096), RTN 4-bit, ICQ over NF4 (every LUT-format quantizer),
+and QuIP#-like 2/4-bit (E8P codebook gather + fast Walsh-Hadamard; no LUT format, so its
+torch materialize is its fast path and is timed at every shape).
 Ratios are to bitsandbytes' NF4 at the same shape, threads and dtype: ``ratio_to_bnb`` <= 1
 means lqmod is at least as fast.
 
@@ -33,6 +37,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +120,17 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "optq3-g128": ("optq", {"bits": 3, "group_size": 128, "sym": False}),
     "optq2-g128": ("optq", {"bits": 2, "group_size": 128, "sym": False}),
     "optq4-g128-act": ("optq", {"bits": 4, "group_size": 128, "sym": False, "desc_act": True}),
+    "optq4-g32-act": ("optq", {"bits": 4, "group_size": 32, "sym": False, "desc_act": True}),
     "rtn4-g128": ("rtn", {"bits": 4, "group_size": 128, "symmetric": False}),
+    # ICQ's LutFormat is its base's with the per-block shift folded into the offsets.
+    "icq-nf4": ("icq", {"base": "nf", "base_config": {"bits": 4, "blocksize": 64, "double_quant": True}}),
+    # Not a LUT format (an E8P code selects an 8-vector): its pure-torch materialize is its only
+    # path, timed at every shape (codebook gather + fast Walsh-Hadamard transforms).
+    "quip2": ("quip", {"bits": 2}),
+    "quip4": ("quip", {"bits": 4}),
 }
+# Formats whose torch materialize is their fast path: timed at every shape, not only the small.
+TORCH_IS_FAST = {"quip2", "quip4"}
 
 
 def _random_bytes(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -129,10 +143,14 @@ def synth_weight(
     """A valid weight of ``fmt`` with random codes, in the quantizer's own tensor layout."""
     name, overrides = FORMATS[fmt]
     spec = lqmod.get_registry().quantizer(name)
-    cfg = spec.config_model(**overrides).model_dump()
+    cfg = spec.config_model(**overrides).model_dump(mode="json")
     out_f, in_f = shape
-    bits, n = int(cfg["bits"]), out_f * in_f
     gen = torch.Generator().manual_seed(seed)
+    if name == "icq":
+        return spec, _synth_icq(spec, cfg, overrides, shape, device, seed)
+    if name == "quip":
+        return spec, _synth_quip(cfg, shape, device, gen)
+    bits, n = int(cfg["bits"]), out_f * in_f
     t: dict[str, torch.Tensor] = {"codes": _random_bytes(packed_nbytes(n, bits), gen)}
     if name == "nf":
         blocks = n // int(cfg["blocksize"])
@@ -145,9 +163,58 @@ def synth_weight(
         if not cfg.get("sym", cfg.get("symmetric")):
             t["zeros"] = _random_bytes(packed_nbytes(out_f * groups, bits), gen)
         if cfg.get("desc_act"):
-            t["g_idx"] = (torch.arange(in_f) // int(cfg["group_size"]))[torch.randperm(in_f, generator=gen)].int()
+            t["g_idx"] = act_order_g_idx(in_f, int(cfg["group_size"]), gen)
     qweight = QuantizedWeight(name, cfg, shape, {k: v.to(device) for k, v in t.items()}, {}, torch.float32)
     return spec, qweight
+
+
+def act_order_g_idx(in_f: int, group_size: int, gen: torch.Generator) -> torch.Tensor:
+    """GPTQ's act-order g_idx for a random Hessian diagonal: ``g_idx[perm[j]] = j // group_size``.
+
+    ``perm`` (columns by decreasing diagonal) of a real layer is as good as random, so every
+    group is ``group_size`` columns scattered over the whole row: the layout a real act-order
+    checkpoint has, not a near-identity one.
+    """
+    perm = torch.randperm(in_f, generator=gen)
+    g_idx = torch.empty(in_f, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(in_f) // group_size).int()
+    return g_idx
+
+
+def _synth_icq(
+    spec: QuantizerSpec, cfg: dict[str, Any], overrides: dict[str, Any], shape: tuple[int, int],
+    device: torch.device, seed: int,
+) -> QuantizedWeight:  # fmt: skip
+    from lqmod_icq.config import ICQConfig
+    from lqmod_icq.quantizer import BASE_PREFIX
+    from lqmod_icq.validate import shift_layout
+
+    # The base's weight as the base's own format row synthesises it (same codes, same seed).
+    base_fmt = next(k for k, (q, o) in FORMATS.items() if (q, o) == (cfg["base"], overrides["base_config"]))
+    _, base = synth_weight(base_fmt, shape, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    layout = shift_layout(ICQConfig.model_validate(cfg), shape)
+    n_blocks, n_scales = layout["tau_codes"][0][0], layout["tau_scale"][0][0]
+    t = {BASE_PREFIX + k: v for k, v in base.tensors.items()}
+    t["tau_codes"] = torch.randint(-127, 128, (n_blocks,), generator=gen, dtype=torch.int8).to(device)
+    t["tau_scale"] = (torch.rand(n_scales, generator=gen) * 1e-4).to(device)
+    return QuantizedWeight("icq", cfg, shape, t, {"base_meta": base.meta}, torch.float32)
+
+
+def _synth_quip(
+    cfg: dict[str, Any], shape: tuple[int, int], device: torch.device, gen: torch.Generator
+) -> QuantizedWeight:
+    out_f, in_f = shape
+    vectors = (out_f, in_f // 8)
+    stages = 2 if int(cfg["bits"]) == 4 else 1
+    t = {
+        "codes": torch.randint(-(2**15), 2**15, (stages, *vectors), generator=gen, dtype=torch.int16),
+        "signs": _random_bytes(packed_nbytes(out_f + in_f, 1), gen),
+        "scales": torch.tensor([0.02, 0.006][:stages], dtype=torch.float32),
+    }
+    if int(cfg["bits"]) == 3:
+        t["resid_codes"] = _random_bytes(out_f * in_f // 8, gen).view(vectors)
+    return QuantizedWeight("quip", cfg, shape, {k: v.to(device) for k, v in t.items()}, {}, torch.float32)
 
 
 def _bnb_nf4(dense: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
@@ -184,13 +251,13 @@ def materialize_rows(
         backend = select_backend(qw, device, lut_format=spec.lut_format)
         fast = f"{fmt}/lqmod-{backend.name}"
         if backend.name == "native":
-            steps[fast] = lambda b=backend, q=qw, s=spec: b.weight(q, s.materialize, dtype)
+            steps[fast] = partial(backend.weight, qw, spec.materialize, dtype)  # type: ignore[attr-defined]
         elif backend.name == "triton":
             from lqmod.kernels.triton.launch import lut_dequant
 
             steps[fast] = lambda q=qw, s=spec: lut_dequant(s.lut_format(q), dtype)  # type: ignore[misc]
-        if dense.numel() <= TORCH_MAX_NUMEL or device.type == "cuda":
-            steps[f"{fmt}/lqmod-torch"] = lambda q=qw, s=spec: s.materialize(q, dtype)
+        if dense.numel() <= TORCH_MAX_NUMEL or device.type == "cuda" or fmt in TORCH_IS_FAST:
+            steps[f"{fmt}/lqmod-torch"] = partial(spec.materialize, qw, dtype)
     calls = 3 if dense.numel() <= 1 << 22 else 1
     times = interleaved(steps, device, reps, calls)
     bnb_ms = statistics.median(times["bnb/nf4"]) if "bnb/nf4" in times else None
@@ -221,7 +288,7 @@ class _Holder(torch.nn.Module):
         self.proj = proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # type: ignore[no-any-return]
+        return self.proj(x)
 
 
 def _peft_lora(base: torch.nn.Module) -> torch.nn.Module | None:
@@ -283,7 +350,7 @@ def layer_rows(
             for p in m.parameters():
                 p.grad = None
 
-        steps = {k: (lambda m=m: step(m)) for k, m in modules.items()}
+        steps: dict[str, Step] = {k: partial(step, m) for k, m in modules.items()}
         times = interleaved(steps, device, reps, 3 if tokens < 512 else 1)
         bnb_ms = statistics.median(times["bnb/nf4+peft"]) if "bnb/nf4+peft" in times else None
         bnb_min = min(times["bnb/nf4+peft"]) if "bnb/nf4+peft" in times else None
@@ -478,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype = dtypes[0]
             for shape in layer_shapes:
                 load = [round(v, 2) for v in os.getloadavg()]
-                new = layer_rows(shape, n_threads, dtype, device, ["nf4", "optq4-g128"], reps)  # type: ignore[arg-type]
+                new = layer_rows(shape, n_threads, dtype, device, ["nf4", "optq4-g128"], reps)
                 for r in new:
                     r["load_average"] = load
                 rows += new

@@ -73,6 +73,31 @@ def test_act_order_with_many_groups_equals_reference(bits: int) -> None:
         assert same_bits(native.lut_materialize(fmt, torch.float32, rows), materialize_lut(fmt, torch.float32, rows))
 
 
+# Act-order in blocks of eight rows (the gather-free path for bits <= 4): whole blocks and
+# a remainder, row ranges starting off a block, few and many groups, with and without
+# offsets, an arbitrary (non-integer) table, and rows whose codes cross bytes (3 bits).
+BLOCK_CASES = [((8, 8), 8), ((16, 64), 16), ((19, 128), 4), ((24, 256), 8), ((33, 1024), 32), ((17, 4576), 32)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_act_order_blocks_of_eight_rows_equal_reference(bits: int) -> None:
+    for seed, (shape, group) in enumerate(BLOCK_CASES):
+        base = act_order(shape, bits, group, seed)
+        gen = torch.Generator().manual_seed(100 + seed)
+        table = torch.randn(2**bits, generator=gen)
+        variants = {
+            "offsets": base,
+            "no offsets": LutFormat(shape, bits, base.codes, table, base.scales, group, None, base.g_idx),
+        }
+        for name, fmt in variants.items():
+            for dtype in DTYPES:
+                ref = materialize_lut(fmt, dtype)
+                assert same_bits(native.lut_materialize(fmt, dtype), ref), (bits, shape, name, dtype)
+            for rows in [(3, shape[0]), (1, min(shape[0], 9)), (shape[0] - 8, shape[0])]:
+                got = native.lut_materialize(fmt, torch.float32, rows)
+                assert same_bits(got, materialize_lut(fmt, torch.float32, rows)), (bits, shape, name, rows)
+
+
 def test_rounding_edge_cases() -> None:
     # Ties, subnormals, overflow to inf, NaN and -0.0 in the table, through every output cast.
     special = [0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 2**-140, -(2**-20), 65520.0, float("nan"),

@@ -10,7 +10,10 @@ The kernel's result is bit for bit :func:`lqmod.kernels.reference.materialize_lu
 float32 operations in the same order, no fused multiply-add, round-to-nearest-even casts);
 the tests hold the two equal for every bit width, layout and output dtype.
 
-Environment: ``LQMOD_NATIVE=0`` disables the kernel; ``LQMOD_CACHE_DIR`` (default
+A fresh output buffer is advised transparent huge pages when large (:mod:`.hugepages`): its
+first-touch page faults otherwise cost several times the kernel's own work.
+
+Environment: ``LQMOD_NATIVE=0`` disables the kernel; ``LQMOD_HUGEPAGES=0`` the advice; ``LQMOD_CACHE_DIR`` (default
 ``~/.cache/lqmod``) is where the library is built; ``CC`` picks the compiler.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lqmod.kernels.formats import LutFormat
+from lqmod.kernels.native import hugepages
 
 __all__ = ["OUT_DTYPES", "available", "has_avx2", "lut_materialize", "lut_materialize_raw", "unavailable_reason"]
 
@@ -203,7 +207,7 @@ def lut_materialize_raw(
     elif -(-in_f // group_size) > n_groups:
         raise ValueError(f"scales have {n_groups} groups, {in_f} columns in groups of {group_size} need more")
     if out is None:
-        out = torch.empty(r1 - r0, in_f, dtype=dtype)
+        out = hugepages.empty(r1 - r0, in_f, dtype)
     elif out.dtype != dtype or tuple(out.shape) != (r1 - r0, in_f) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {(r1 - r0, in_f)}")
     rc = lib.lqmod_lut_materialize(

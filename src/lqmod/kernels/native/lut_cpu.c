@@ -211,6 +211,127 @@ static inline __attribute__((always_inline)) void row_avx2_gt_t(
     }
 }
 
+/* Act-order weights, eight rows at a time, without gathers. A row's group of column i
+ * is g_idx[i], the same for every row: so the eight rows' scales (offsets) of one column
+ * are one contiguous vector of the block's transposed scales sT[g * 8 + lane]. The block is
+ * computed column by column, lane = row: the eight rows' codes of eight columns are one
+ * word per row (`bits` bytes), column k's codes a shift of every lane; then an 8x8
+ * transpose turns the eight column vectors into the eight rows' runs. Same float32
+ * multiply (and add) per weight as the row paths: the same bits. */
+static inline __attribute__((always_inline)) __m256i row_words8(const uint8_t *p, int64_t row_bytes, int bits) {
+    /* Scalar loads and an insert sequence: faster here than one vector gather. A run of
+     * fewer than 4 bytes is read exactly (never past the end of the codes). */
+    uint32_t q[8];
+    for (int j = 0; j < 8; ++j) {
+        const uint8_t *b = p + j * row_bytes;
+        if (bits == 4) {
+            memcpy(&q[j], b, 4);
+            q[j] = __builtin_bswap32(q[j]);
+        } else {
+            uint32_t v = 0;
+            for (int k = 0; k < bits; ++k) v |= (uint32_t)b[k] << (24 - 8 * k);
+            q[j] = v;
+        }
+    }
+    return _mm256_setr_epi32((int)q[0], (int)q[1], (int)q[2], (int)q[3], (int)q[4], (int)q[5], (int)q[6], (int)q[7]);
+}
+
+/* The 4x4 transposes within each 128-bit half: afterwards v[j] (j < 4) holds row j's
+ * columns 0-3 in its low half and row j + 4's in its high half, v[j + 4] the same rows'
+ * columns 4-7. */
+static inline __attribute__((always_inline)) void transpose4x2(__m256 *v) {
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    v[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+    v[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+    v[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+    v[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+    v[4] = _mm256_shuffle_ps(t4, t6, 0x44);
+    v[5] = _mm256_shuffle_ps(t4, t6, 0xEE);
+    v[6] = _mm256_shuffle_ps(t5, t7, 0x44);
+    v[7] = _mm256_shuffle_ps(t5, t7, 0xEE);
+}
+
+/* The full 8x8 transpose: v[j] becomes row j's eight columns. */
+static inline __attribute__((always_inline)) void transpose8(__m256 *v) {
+    transpose4x2(v);
+    const __m256 u0 = v[0], u1 = v[1], u2 = v[2], u3 = v[3], u4 = v[4], u5 = v[5], u6 = v[6], u7 = v[7];
+    v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+/* Rows [r, r + 8) (bits <= 4, in_f % 8 == 0). sT/zT: (n_groups, 8) of this block. With
+ * `int_table` (table[c] is the float of the integer t0 + c, bit for bit, as GPTQ's and
+ * RTN's are) a code's value is one integer add and convert instead of permutes. */
+static inline __attribute__((always_inline)) void block8_act_t(
+    const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *table, const float *sT,
+    const float *zT, const int32_t *g_idx, void *out, int64_t obase, int kind, int int_table) {
+    const int64_t row_bytes = in_f / 8 * bits;
+    const uint8_t *p = codes + (r * in_f / 8) * bits;
+    float t16[16] = {0};
+    memcpy(t16, table, (sizeof(float)) << bits);
+    const __m256 tlo = _mm256_loadu_ps(t16), thi = _mm256_loadu_ps(t16 + 8);
+    const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256i t0 = _mm256_set1_epi32(int_table ? (int)table[0] : 0);
+    for (int64_t i = 0; i < in_f; i += 8, p += bits) {
+        const __m256i w = row_words8(p, row_bytes, bits);
+        __m256 v[8];
+        for (int k = 0; k < 8; ++k) {
+            const __m256i c = _mm256_and_si256(_mm256_srli_epi32(w, 32 - (k + 1) * bits), mask);
+            const int64_t g = (int64_t)g_idx[i + k] * 8;
+            const __m256 t = int_table ? _mm256_cvtepi32_ps(_mm256_add_epi32(c, t0)) : lookup8(c, bits, table, tlo, thi);
+            v[k] = _mm256_mul_ps(t, _mm256_loadu_ps(sT + g));
+            if (zT) v[k] = _mm256_add_ps(v[k], _mm256_loadu_ps(zT + g));
+        }
+        if (kind == OUT_F32) {
+            /* float32: store the halves where they go instead of a third shuffle stage. */
+            transpose4x2(v);
+            float *o = (float *)out + obase + i;
+            for (int j = 0; j < 4; ++j) {
+                _mm_storeu_ps(o + j * in_f, _mm256_castps256_ps128(v[j]));
+                _mm_storeu_ps(o + j * in_f + 4, _mm256_castps256_ps128(v[j + 4]));
+                _mm_storeu_ps(o + (j + 4) * in_f, _mm256_extractf128_ps(v[j], 1));
+                _mm_storeu_ps(o + (j + 4) * in_f + 4, _mm256_extractf128_ps(v[j + 4], 1));
+            }
+            continue;
+        }
+        transpose8(v);
+        for (int j = 0; j < 8; ++j) store8(out, obase + j * in_f + i, kind, v[j]);
+    }
+}
+
+#define BLK_KIND(B, K, I) block8_act_t(codes, B, r, in_f, table, sT, zT, g_idx, out, obase, K, I)
+#define BLK_TAB(B, K)                               \
+    do {                                            \
+        if (int_table) BLK_KIND(B, K, 1);           \
+        else BLK_KIND(B, K, 0);                     \
+    } while (0)
+#define BLK_BITS(B)                                         \
+    do {                                                    \
+        if (kind == OUT_F32) BLK_TAB(B, OUT_F32);           \
+        else if (kind == OUT_BF16) BLK_TAB(B, OUT_BF16);    \
+        else BLK_TAB(B, OUT_F16);                           \
+    } while (0)
+
+static void block8_act(const uint8_t *codes, int bits, int64_t r, int64_t in_f, const float *table,
+                       const float *sT, const float *zT, const int32_t *g_idx, void *out, int64_t obase,
+                       int kind, int int_table) {
+    switch (bits) {
+        case 1: BLK_BITS(1); break;
+        case 2: BLK_BITS(2); break;
+        case 3: BLK_BITS(3); break;
+        default: BLK_BITS(4); break;
+    }
+}
+
 #define GT_KIND(B, K) row_avx2_gt_t(codes, B, r, in_f, gt, g_idx, out, obase, K)
 #define GT_BITS(B)                                          \
     do {                                                    \
@@ -286,12 +407,47 @@ int lqmod_lut_materialize(const uint8_t *codes, int64_t nbytes, int bits, int64_
     if ((r1 - r0) * in_f < (1 << 15)) threads = 1;
     const int64_t gt_len = g_idx ? n_groups << bits : 0;
     const int use_gt = g_idx && !permuted && gt_len <= in_f;
+    /* Act-order, vector path, bits <= 4: blocks of eight rows without gathers (block8_act);
+     * the rows after the last whole block go through the row paths below. */
+    const int blocks = vector && g_idx && bits <= 4 ? (int)((r1 - r0) / 8) : 0;
+    const int64_t r_rows = r0 + 8 * (int64_t)blocks;
+    /* Whether table[c] is exactly the float of t0 + c for an integer t0 (bit patterns
+     * compared: a -0.0 entry is not the integer 0's +0.0). */
+    int int_table = blocks && table[0] == (float)(int)table[0] && table[0] >= -256.0f && table[0] <= 256.0f;
+    for (int c = 0; int_table && c < (1 << bits); ++c)
+        int_table = f32_bits(table[c]) == f32_bits((float)((int)table[0] + c));
 #pragma omp parallel num_threads(threads)
     {
-        /* Without memory for the table a thread keeps the per-weight path: same bits. */
-        float *gt = use_gt ? (float *)malloc((size_t)gt_len * sizeof(float)) : 0;
+#ifdef __AVX2__
+        if (blocks) {
+            float *sT = (float *)malloc((size_t)n_groups * 8 * sizeof(float));
+            float *zT = zeros && sT ? (float *)malloc((size_t)n_groups * 8 * sizeof(float)) : 0;
+            const int ok = sT && (!zeros || zT);
 #pragma omp for schedule(static)
-        for (int64_t r = r0; r < r1; ++r) {
+            for (int b = 0; b < blocks; ++b) {
+                const int64_t r = r0 + 8 * (int64_t)b, obase = (r - r0) * in_f;
+                if (!ok) { /* no memory for the block's scales: its rows one by one, same bits */
+                    for (int64_t rr = r; rr < r + 8; ++rr)
+                        row_avx2(codes, bits, rr, in_f, table, scales + rr * n_groups,
+                                 zeros ? zeros + rr * n_groups : 0, g_idx, n_groups, group, out,
+                                 (rr - r0) * in_f, kind);
+                    continue;
+                }
+                for (int64_t g = 0; g < n_groups; ++g)
+                    for (int j = 0; j < 8; ++j) {
+                        sT[g * 8 + j] = scales[(r + j) * n_groups + g];
+                        if (zT) zT[g * 8 + j] = zeros[(r + j) * n_groups + g];
+                    }
+                block8_act(codes, bits, r, in_f, table, sT, zT, g_idx, out, obase, kind, int_table);
+            }
+            free(sT);
+            free(zT);
+        }
+#endif
+        /* Without memory for the table a thread keeps the per-weight path: same bits. */
+        float *gt = use_gt && r_rows < r1 ? (float *)malloc((size_t)gt_len * sizeof(float)) : 0;
+#pragma omp for schedule(static)
+        for (int64_t r = r_rows; r < r1; ++r) {
             const float *srow = scales + r * n_groups;
             const float *zrow = zeros ? zeros + r * n_groups : 0;
             int64_t obase = (r - r0) * in_f;
