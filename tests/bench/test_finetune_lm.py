@@ -110,14 +110,16 @@ def test_harness_end_to_end_resumable(tiny_setup: fl.LMBenchSettings, tmp_path: 
 def test_plan_and_bnb_rows(tiny_setup: fl.LMBenchSettings, tmp_path: Path, tiny_llama: torch.nn.Module) -> None:
     pytest.importorskip("scipy")
     logs: list[str] = []
-    run = _run(tiny_setup, tmp_path / "r", tmp_path / "c", "plan2.75,bnb-nf4", logs)
+    run = _run(tiny_setup, tmp_path / "r", tmp_path / "c", "plan2.75,plan2.75-kfac,bnb-nf4", logs)
     res = {r["row"]: r for r in run.results["rows"]}
-    plan = res["plan2.75"]
-    assert plan["status"] == "ok", logs
-    info = plan["build"]["plan"]
-    assert info["achieved_bits_per_param"] <= 2.75 + 1e-9
-    assert plan["bits_per_param"] == pytest.approx(info["achieved_bits_per_param"], rel=1e-6)
-    assert set(info["by_quantizer"]) <= {"nf", "optq"}
+    for name, measure in (("plan2.75", "output"), ("plan2.75-kfac", "kfac")):
+        plan = res[name]
+        assert plan["status"] == "ok", logs
+        info = plan["build"]["plan"]
+        assert info["error_measure"] == measure
+        assert info["achieved_bits_per_param"] <= 2.75 + 1e-9
+        assert plan["bits_per_param"] == pytest.approx(info["achieved_bits_per_param"], rel=1e-6)
+        assert set(info["by_quantizer"]) <= {"nf", "optq"}
     bnb = res["bnb-nf4"]
     if bnb["status"] != "ok":
         pytest.skip(f"bitsandbytes baseline unavailable: {bnb.get('reason')}")
@@ -136,8 +138,8 @@ def test_select_rows_and_bad_names() -> None:
     assert {r.name for r in fl.select_rows("quip*")} == {"quip3", "quip2", "quip3+lq-lora", "quip2+lq-lora"}
     with pytest.raises(ValueError, match="matches no row; rows: "):
         fl.select_rows("nf5")
-    assert len(fl.ROWS) == 24 and len({r.name for r in fl.ROWS}) == 24
-    assert len(fl.select_rows("all")) == 24
+    assert len(fl.ROWS) == 26 and len({r.name for r in fl.ROWS}) == 26
+    assert len(fl.select_rows("all")) == 26
     assert {r.name for r in fl.select_rows(None)} == set(fl.DEFAULT_ROWS)
 
 
@@ -157,6 +159,6 @@ def test_cli_report_only_and_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixt
     # Nothing to compute: the summary files are written from (no) row files, no model is loaded.
     assert cli.main(["--report-only", "--steps", "3", "--out", str(tmp_path), "--no-plots"]) == 0
     res = json.loads((tmp_path / "finetune_lm.json").read_text())
-    assert res["rows"] == [] and res["partial"] is True and len(res["missing"]) == 24
+    assert res["rows"] == [] and res["partial"] is True and len(res["missing"]) == 26
     assert res["settings"]["steps"] == 3 and res["settings"]["name"] == "full, custom"
     assert "Settings: `FULL` with steps=3." in (tmp_path / "finetune_lm.md").read_text()

@@ -159,6 +159,11 @@ def _rows() -> list[LMRow]:
     for budget in (3.25, 2.75):
         rows.append(LMRow(f"plan{budget}-frob", "plan", None, {}, "default", "hessian", budget, "frobenius",
                           description=f"ILP plan at {budget} bits/param, weight-space (Frobenius) error table"))
+    # ...and from the K-FAC table: each layer's output error weighed by the loss's squared
+    # output gradient, so layers compare by what they cost the loss (their table needs a Fisher pass).
+    for budget in (3.25, 2.75):
+        rows.append(LMRow(f"plan{budget}-kfac", "plan", None, {}, "default", "hessian", budget, "kfac",
+                          description=f"ILP plan at {budget} bits/param, K-FAC (Fisher-weighted output) error table"))
     rows.append(LMRow("bnb-nf4", "bnb", None, {"bits": 4, **NF},
                       description="bitsandbytes Linear4bit NF4 (blocks of 64, double quant) + PEFT LoRA (QLoRA)"))
     rows.append(LMRow("fp-lora", "fp-lora", description="PEFT LoRA on the dense fp32 model"))
@@ -177,7 +182,7 @@ ROWS: list[LMRow] = _rows()
 # QuIP row); select them by name or with --rows all.
 DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf4+lq-lora", "nf3+lq-lora", "nf2+lq-lora", "quip3",
                 "quip2", "optq3", "optq2", "optq3-g96-s8", "plan3.25", "plan2.75", "plan3.25-frob",
-                "plan2.75-frob")  # fmt: skip
+                "plan2.75-frob", "plan3.25-kfac", "plan2.75-kfac")  # fmt: skip
 
 
 def select_rows(patterns: str | Sequence[str] | None, rows: Sequence[LMRow] = ROWS) -> list[LMRow]:
@@ -278,6 +283,7 @@ class _Context:
         self.progress = progress
         self._fp: tuple[Any, Any, Any] | None = None
         self._hessians: dict[str, Any] | None = None
+        self._with_fisher: dict[str, Any] | None = None
         self._eval_ids: torch.Tensor | None = None
         self._train: Any = None
         self._calib: list[dict[str, torch.Tensor]] | None = None
@@ -351,6 +357,18 @@ class _Context:
             )  # fmt: skip
         return self._hessians
 
+    def hessians_and_fishers(self) -> dict[str, Any]:
+        """:meth:`hessians` plus each target's diagonal Fisher on the same calibration windows
+        (the ``kfac`` table reads both; the Fisher is cached beside the Hessians)."""
+        if self._with_fisher is None:
+            from lqmod.calibration.command import compute_stats
+
+            self._with_fisher = compute_stats(
+                self.model, self.targets(), self.calib(), {"hessian", "fisher"}, cache_dir=str(self.cache / "stats"),
+                text=self.s.calib_text, progress=self.progress, sink=self.sink(),
+            )  # fmt: skip
+        return self._with_fisher
+
 
 # -- building one row's trainable model --------------------------------------------------------
 
@@ -407,8 +425,9 @@ def _plan(row: LMRow, ctx: _Context) -> tuple[Any, dict[str, Any]]:
     # The output-error measure is new; where this lqmod lacks it the plan says what it used.
     if "error" in inspect.signature(build_model_error_table).parameters:
         kwargs["error"] = measure = _plan_error(row, ctx.s)
+    stats = ctx.hessians_and_fishers() if measure == "kfac" else ctx.hessians()
     table = build_model_error_table(
-        ctx.model, options=_plan_options(ctx.s), stats=ctx.hessians(), cache=TableCache(ctx.cache / "tables"),
+        ctx.model, options=_plan_options(ctx.s), stats=stats, cache=TableCache(ctx.cache / "tables"),
         progress=ctx.progress, **kwargs,
     )  # fmt: skip
     assert row.budget is not None
