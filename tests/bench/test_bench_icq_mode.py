@@ -119,6 +119,12 @@ def test_smoke_causal_lm_with_an_integer_base(tiny_llama_dir: Path, wikitext: No
     assert rows["icq-rtn3s b32"]["entropy_violations"] == 0
 
 
-def test_rows_filter_that_matches_nothing_is_refused() -> None:
+def test_rows_filter_that_matches_nothing_is_refused_and_exact_labels() -> None:
     with pytest.raises(SpecError, match="matches no row"):
         select_rows(IcqBenchSettings(rows="nosuch"), "encoder")
+    with pytest.raises(SpecError, match="matches no row"):
+        select_rows(IcqBenchSettings(rows="=nf3"), "encoder")
+    from lqmod.bench.icq import _matches
+
+    assert _matches("nf3 b64", "icq-nf3 b64") and not _matches("=nf3 b64", "icq-nf3 b64")
+    assert _matches("x,=nf3 b64", "nf3 b64")

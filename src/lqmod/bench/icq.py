@@ -206,6 +206,12 @@ def run_row(w: Workload, row: Row, _shared: Any = None, *, progress: bool = True
 # -- the driver ------------------------------------------------------------------------------
 
 
+def _matches(patterns: str, label: str) -> bool:
+    """``--rows``: comma-separated label substrings; ``=label`` matches that label only."""
+    parts = [p for p in patterns.split(",") if p]
+    return any(label == p[1:] if p.startswith("=") else p in label for p in parts)
+
+
 def select_rows(s: IcqBenchSettings, kind: str) -> list[Row]:
     """The rows to measure, every config checked by its quantizer's config model (before any model loads)."""
     from lqmod.config import ConfigError, validate_config
@@ -234,7 +240,7 @@ def select_rows(s: IcqBenchSettings, kind: str) -> list[Row]:
             validate_config(registry.quantizer(r.base).config_model, r.base_config, what=f"{r.base} config")
         except ConfigError as exc:
             raise SpecError(f"row {r.label!r}: {exc}") from None
-    if s.rows and not any(p in r.label for r in rows for p in s.rows.split(",") if p):
+    if s.rows and not any(_matches(s.rows, r.label) for r in rows):
         raise SpecError(f"--rows {s.rows!r} matches no row of this model")
     return rows
 
@@ -257,7 +263,6 @@ def run_icq_bench(s: IcqBenchSettings) -> dict[str, Any]:
         kind["kind"] = w.kind
         return w
 
-    wanted = [p for p in (s.rows or "").split(",") if p]
     # The rows depend on the model's kind; a report from the cache reads it from the cached settings.
     settings_path = cache / "settings.json"
     if s.report_only:
@@ -274,7 +279,7 @@ def run_icq_bench(s: IcqBenchSettings) -> dict[str, Any]:
     results = run_cached(
         rows, cache=cache, schema=SCHEMA, workload=None if loaded is None else (lambda: loaded),
         run_row=lambda w, row, shared: run_row(w, row, shared, progress=s.progress),
-        compute=lambda r: not wanted or any(p in r.label for p in wanted), progress=s.progress, desc="icq rows",
+        compute=lambda r: not s.rows or _matches(s.rows, r.label), progress=s.progress, desc="icq rows",
     )  # fmt: skip
     results["seconds"] = time.perf_counter() - t0
     results["env_end"] = {"load_average": list(os.getloadavg())}
