@@ -28,6 +28,7 @@ declare -A ROWS=(
   [optq3-g64-asym-sink0.5]="--quantizer optq --config bits=3,group_size=64,sym=false ${CAL[*]} $S 0.5"
   [optq3-g192-asym-sink0.5]="--quantizer optq --config bits=3,group_size=192,sym=false ${CAL[*]} $S 0.5"
   [optq3-g96-s8-asym-sink0.5]="--quantizer optq --config bits=3,group_size=96,sym=false,scale_bits=8 ${CAL[*]} $S 0.5"
+  [optq3-g96-s8-asym-sink0.5-actorder-static-damp0.1]="--quantizer optq --config bits=3,group_size=96,sym=false,scale_bits=8,desc_act=true,static_groups=true,damp=0.1 ${CAL[*]} $S 0.5"
   [optq3-g64-asym-sink0.25]="--quantizer optq --config bits=3,group_size=64,sym=false ${CAL[*]} $S 0.25"
   [optq3-g64-asym-sink0.75]="--quantizer optq --config bits=3,group_size=64,sym=false ${CAL[*]} $S 0.75"
   [optq3-g64-asym-sink0.5-damp0.1]="--quantizer optq --config bits=3,group_size=64,sym=false,damp=0.1 ${CAL[*]} $S 0.5"
@@ -39,7 +40,8 @@ declare -A ROWS=(
 )
 ORDER=(nf3-b64-dq nf3-b64 optq3-g64-sym optq3-g64-sym-sink0.5 optq3-g64-asym optq3-g64-asym-sink0.5
        optq3-g192-asym-sink0.5 optq3-g96-s8-asym-sink0.5 optq3-g64-asym-sink0.25 optq3-g64-asym-sink0.75
-       optq3-g64-asym-sink0.5-damp0.1 optq3-g64-asym-sink0.5-actorder optq2-g64-asym-sink0.5 nf2-b64-dq
+       optq3-g64-asym-sink0.5-damp0.1 optq3-g64-asym-sink0.5-actorder optq3-g96-s8-asym-sink0.5-actorder-static-damp0.1
+       optq2-g64-asym-sink0.5 nf2-b64-dq
        seq-optq3-g64-asym-sink0.5 seq-optq3-g64-sym)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
