@@ -23,6 +23,9 @@ LABELS = {
     "optq3-g64-asym": "OPTQ-3 g64 asymmetric, natural H",
     "optq3-g64-asym-sink0.5": "OPTQ-3 g64 asymmetric, sink 0.5",
     "optq3-g192-asym-sink0.5": "OPTQ-3 g192 asymmetric, sink 0.5",
+    "optq3-g96-s8-asym-sink0.5": "OPTQ-3 g96 asymmetric, byte scales, sink 0.5",
+    "optq3-g96-s8-asym-sink0.5-actorder-static-damp0.1": "OPTQ-3 g96 asymmetric, byte scales, sink 0.5, act-order "
+    "(static groups), damping 0.1",
     "optq3-g64-asym-sink0.25": "OPTQ-3 g64 asymmetric, sink 0.25",
     "optq3-g64-asym-sink0.75": "OPTQ-3 g64 asymmetric, sink 0.75",
     "optq3-g64-asym-sink0.5-damp0.1": "OPTQ-3 g64 asymmetric, sink 0.5, damping 0.1",
