@@ -84,7 +84,7 @@ def dense_weights(
 def measure(
     model: torch.nn.Module, dense: Mapping[str, Any], held: Mapping[str, LayerStats], eval_batches: Sequence[Any],
     ref_emb: torch.Tensor,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     total, rels, bits, numel = 0.0, [], 0, 0
     for name, (q, b) in dense.items():
         w = _weight(model, name).double()
@@ -99,13 +99,15 @@ def measure(
     with torch.inference_mode(), swapped_weights(model, {n: q for n, (q, _) in dense.items()}):
         emb = sentence_embeddings(model, list(eval_batches))
         loss = contrastive_loss(model, eval_batches)
-    cos = float(torch.nn.functional.cosine_similarity(emb.double(), ref_emb.double(), dim=-1).mean())
+    per_sentence = torch.nn.functional.cosine_similarity(emb.double(), ref_emb.double(), dim=-1)
     return {
         "bits_per_param": bits / numel,
         "heldout_output_error_sum": total,
         "heldout_rel_output_error_mean": sum(rels) / len(rels),
-        "embedding_cosine": cos,
+        "embedding_cosine": float(per_sentence.mean()),
         "heldout_contrastive_loss": loss,
+        # kept for paired bootstrap intervals between plans (same held-out sentences)
+        "embedding_cosine_per_sentence": [round(float(c), 6) for c in per_sentence],
     }
 
 
@@ -211,13 +213,44 @@ def by_kind_table(payload: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def bootstrap_table(rows: Mapping[str, Any], *, resamples: int = 2000, seed: int = 0) -> list[str]:
+    """Markdown: kfac plan minus each other plan at its budget, in mean embedding cosine, with a
+    paired bootstrap 95% interval over the held-out sentences (not over calibration draws)."""
+    plans = {k: r for k, r in rows.items() if k.startswith("plan ") and "embedding_cosine_per_sentence" in r}
+    out = [
+        "kfac plan minus other plans at the same budget, mean embedding cosine, paired bootstrap 95% interval "
+        f"over held-out sentences ({resamples} resamples; calibration-draw noise not included)",
+        "",
+        "| budget | vs table | difference | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    for key, row in plans.items():
+        if not key.endswith(", kfac table"):
+            continue
+        mine = torch.tensor(row["embedding_cosine_per_sentence"], dtype=torch.float64)
+        idx = torch.randint(0, mine.numel(), (resamples, mine.numel()), generator=gen)
+        for other_key, other in plans.items():
+            if other_key == key or not other_key.startswith(key.split(", ")[0] + ","):
+                continue
+            diff = mine - torch.tensor(other["embedding_cosine_per_sentence"], dtype=torch.float64)
+            boot = diff[idx].mean(1)
+            lo, hi = (float(x) for x in torch.quantile(boot, torch.tensor([0.025, 0.975], dtype=torch.float64)))
+            budget = key.split(" ")[1]
+            table = other_key.split(", ")[1].replace(" table", "")
+            out.append(f"| {budget} | {table} | {float(diff.mean()):+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    return out if len(out) > 4 else []
+
+
 def write_report(payload: Mapping[str, Any], out: Path) -> None:
     """The markdown table and the plot of a run's JSON payload."""
     rows = payload["rows"]
     load = " ".join(f"{x:.1f}" for x in payload["load_average"])
     lines = [
         f"{payload['torch_threads']} torch thread(s), niced, load average {load} at the end (2 shared cores); "
-        f"table built in {payload['table_seconds']['frobenius']:.0f} s, the other measures read from its cache",
+        f"table: {sum(payload.get('table_quantized', {}).values())} option x matrix quantized in "
+        f"{sum(payload['table_seconds'].values()):.0f} s this run (the rest read from the cache, each quantization "
+        "serving all four measures)",
         "",
         "| row | bits/param | held-out sum tr(dW G dW^T)/n | mean rel. layer output err | embedding cosine "
         "| mix (params) |",
@@ -229,6 +262,7 @@ def write_report(payload: Mapping[str, Any], out: Path) -> None:
             f"| {label} | {r['bits_per_param']:.3f} | {r['heldout_output_error_sum']:.4g} | "
             f"{r['heldout_rel_output_error_mean']:.4f} | {r['embedding_cosine']:.5f} | {mix} |"
         )
+    lines += ["", *bootstrap_table(rows)]
     by_kind = by_kind_table(payload)
     if by_kind:
         lines += ["", *by_kind]
@@ -244,6 +278,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/lqmod-plan-cache-kfac"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true", help="only re-render the .md and .png from the JSON in --out")
+    p.add_argument(
+        "--skip-uniform", action="store_true",
+        help="keep the uniform rows of the JSON already in --out (they do not depend on the table) and "
+        "recompute only the plans",
+    )
     args = p.parse_args(argv)
     if args.report:
         write_report(json.loads((args.out / "plan_output_error_minilm.json").read_text()), args.out)
@@ -267,15 +306,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = options()
     rows: dict[str, Any] = {}
     tables = {}
-    table_seconds = {}
+    table_seconds: dict[str, float] = {}
+    table_quantized: dict[str, int] = {}
     for error in MEASURES:
         t0 = time.time()
         tables[error] = build_model_error_table(
             model, options=opts, stats=calib, cache=args.cache_dir, progress=True, error=error
         )
         table_seconds[error] = time.time() - t0
+        table_quantized[error] = tables[error].computed
         print(f"table {error}: {table_seconds[error]:.0f} s ({tables[error].computed} quantized)", flush=True)
-    for opt in opts:
+    if args.skip_uniform:
+        old = json.loads((args.out / "plan_output_error_minilm.json").read_text())["rows"]
+        rows.update({k: v for k, v in old.items() if k.startswith("uniform ")})
+    for opt in [] if args.skip_uniform else opts:
         dense = dense_weights(model, dict.fromkeys(names, opt), calib)
         rows[f"uniform {opt.label}"] = measure(model, dense, held, eval_b, ref_emb)
         print(f"uniform {opt.label}: {rows[f'uniform {opt.label}']}", flush=True)
@@ -313,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "statistics_seconds": stats_seconds,
         "table_seconds": table_seconds,
+        "table_quantized": table_quantized,
+        "uniform_rows": "kept from the previous JSON (--skip-uniform)" if args.skip_uniform else "computed in this run",
         "layers": layer_weights(calib),
         "rows": rows,
     }
