@@ -66,7 +66,7 @@ class AdapterBenchSettings:
     lr: float | None = None
     rank: int = 8
     seed: int = 0
-    n_calib: int | None = None  # encoder: calibration sentences (only bases whose quantizer needs statistics)
+    n_calib: int | None = None  # calibration sentences (encoder, 256) / windows (causal LM, 16), if a base needs them
     n_eval: int | None = None  # encoder: held-out sentences
     seq_len: int = 128  # causal LM: tokens per training window
     eval_tokens: int = 4096  # causal LM: perplexity tokens
@@ -83,7 +83,7 @@ class AdapterBenchSettings:
             steps=steps if self.steps is None else self.steps,
             batch=self.batch or batch,
             lr=lr if self.lr is None else self.lr,
-            n_calib=self.n_calib or 256,
+            n_calib=self.n_calib or (16 if kind == "causal-lm" else 256),
             n_eval=self.n_eval or 1000,
         )
 
@@ -203,7 +203,8 @@ def _causal_task(s: AdapterBenchSettings, model: nn.Module, tokenizer: Any, name
         return float(stream_perplexity(m, eval_ids, context=s.eval_context, progress=s.progress).ppl)
 
     def stats(needs: set[str]) -> dict[str, LayerStats]:
-        batches = calibration_batches(tokenizer, "causal-lm", "wikitext2", s.n_calib or 16, length=s.seq_len)
+        assert s.n_calib is not None
+        batches = calibration_batches(tokenizer, "causal-lm", "wikitext2", s.n_calib, length=s.seq_len)
         return compute_stats(model, names, batches, needs, text="wikitext2 validation", progress=s.progress)
 
     objective = (f"next-token NLL on packed wikitext2-valid windows ({s.batch} x {s.seq_len} tokens/step); "

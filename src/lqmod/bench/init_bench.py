@@ -85,6 +85,9 @@ _OPTQ = "group_size=64,sym=false"
 _FULL_NF = "default;lq-lora:max_iters=10;quailora:method=als;quailora-exact=quailora:method=exact"
 _FULL_OPTQ = "default;lq-lora:max_iters=3;quailora:method=als;quailora-exact=quailora:method=exact"
 _NO_LQ = "default;quailora:method=als;quailora-exact=quailora:method=exact"
+# QuIP at 3/4 bits (added later, rows appended to the cached ones): lq-lora last, at 2 iterations
+# (a QuIP run of every layer per iteration); at 2 bits lq-lora was not run.
+_QUIP_LQ = _NO_LQ + ";lq-lora:max_iters=2"
 # Not an initializer of its own: lq-lora's re-quantized base Q' with the calibrated-optimal
 # adapter over it, to show how much of lq-lora's edge on some layers is its base.
 _HYBRID = "lq-lora+quailora:max_iters=10,quailora.method=exact"
@@ -93,6 +96,7 @@ _MATRIX: dict[str, list[tuple[str, str]]] = {
         *[(f"nf{b}=nf:bits={b},{_NF}", _FULL_NF) for b in (2, 3, 4)],
         *[(f"optq{b}=optq:bits={b},{_OPTQ}", _FULL_OPTQ) for b in (2, 3, 4)],
         ("quip2=quip:bits=2", _NO_LQ),
+        *[(f"quip{b}=quip:bits={b}", _QUIP_LQ) for b in (3, 4)],
         *[(f"nf{b}=nf:bits={b},{_NF}", _HYBRID) for b in (3, 4)],
     ],
     # SmolLM2 (210 layers, a perplexity run per row) on a shared 2-core CPU: NF4 in full, NF3
