@@ -206,11 +206,12 @@ def _synth_quip(
 ) -> QuantizedWeight:
     out_f, in_f = shape
     vectors = (out_f, in_f // 8)
-    stages = 2 if int(cfg["bits"]) == 4 else 1
+    bits = int(cfg["bits"])
     t = {
-        "codes": torch.randint(-(2**15), 2**15, (stages, *vectors), generator=gen, dtype=torch.int16),
+        # bits 4: two stacked E8P stages; 3: one, plus 1-bit E8 residual codes; 2: one.
+        "codes": torch.randint(-(2**15), 2**15, (2 if bits == 4 else 1, *vectors), generator=gen, dtype=torch.int16),
         "signs": _random_bytes(packed_nbytes(out_f + in_f, 1), gen),
-        "scales": torch.tensor([0.02, 0.006][:stages], dtype=torch.float32),
+        "scales": torch.tensor([0.02, 0.006][: 1 if bits == 2 else 2], dtype=torch.float32),
     }
     if int(cfg["bits"]) == 3:
         t["resid_codes"] = _random_bytes(out_f * in_f // 8, gen).view(vectors)

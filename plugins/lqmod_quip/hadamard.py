@@ -165,19 +165,23 @@ def fwht_(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform of ``x`` (pre, q, post) along its middle axis, in place.
 
     Sylvester order: ``H_q x`` with ``H_1 = [1]``, ``H_2k = [[H_k, H_k], [H_k, -H_k]]``;
-    log2(q) butterfly passes, each with a temporary of half of ``x``.
+    log2(q) butterfly passes sharing one temporary of half of ``x`` (one buffer for all of
+    them: a fresh one per pass would be two alive at once, and fresh pages cost a fault each).
     """
     pre, q, post = x.shape
     if q & (q - 1):
         raise ValueError(f"Walsh-Hadamard order must be a power of two, got {q}")
+    if q == 1:
+        return x
+    buf = torch.empty(pre * (q // 2) * post, dtype=x.dtype, device=x.device)
     h = 1
     while h < q:
         v = x.view(pre, q // (2 * h), 2, h, post)
         a, b = v[:, :, 0], v[:, :, 1]
-        tmp = a.clone()
+        diff = buf.view(a.shape)
+        torch.sub(a, b, out=diff)
         a.add_(b)
-        tmp.sub_(b)
-        b.copy_(tmp)
+        b.copy_(diff)
         h *= 2
     return x
 

@@ -195,8 +195,9 @@ def materialize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     wt.mul_(sc[0])
     if bits in (3, 4):
         second, table = (t["resid_codes"], grid1) if bits == 3 else (codes[1], grid)
-        # Row chunks bound the second stage's temporary to a slice of the output.
-        step = max(1, (1 << 18) // n)
+        # Row chunks bound the second stage's temporary to a slice of the output: at most
+        # 2^18 weights and an eighth of the rows (a fixed 2^18 was more than a small output).
+        step = max(1, min(m // 8, (1 << 18) // n))
         flat = second.reshape(m, -1)
         for r0 in range(0, m, step):
             part = table[flat[r0 : r0 + step].reshape(-1).int() & 0xFFFF].mul_(sc[1])
