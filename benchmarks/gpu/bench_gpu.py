@@ -163,7 +163,32 @@ def run_kernels(device: torch.device, dtype: torch.dtype, dry: bool, reps: int) 
                     })  # fmt: skip
                     print(f"{shape!s:<14} b={batch:<4} {mode:<8} {name:<14} {ms:8.3f} ms  "
                           f"{ideal_ms / ms:6.1%} of roofline")  # fmt: skip
-    return {"bandwidth_gbs": round(bw, 1), "dtype": str(dtype).removeprefix("torch."), "results": rows}
+    return {
+        "bandwidth_gbs": round(bw, 1), "dtype": str(dtype).removeprefix("torch."), "results": rows,
+        "materialize": run_materialize(device, dtype, dry, bw),
+    }  # fmt: skip
+
+
+def run_materialize(device: torch.device, dtype: torch.dtype, dry: bool, bw: float) -> list[dict[str, Any]]:
+    """Every format of ``benchmarks/bench_kernels.py`` (each LUT quantizer, act-order, ICQ,
+    QuIP) materialized at one shape: the Triton dequantize the backend picks, the torch path,
+    bitsandbytes' ``dequantize_4bit``; one failing format is recorded, not fatal."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        import bench_kernels as bk
+    finally:
+        sys.path.pop(0)
+    shape = DRY_SHAPES[0] if dry else (4096, 4096)
+    rows: list[dict[str, Any]] = []
+    for fmt in bk.FORMATS:
+        try:
+            found = bk.materialize_rows(shape, torch.get_num_threads(), dtype, device, bw, [fmt], 2 if dry else 10)
+        except Exception as exc:  # report the format, keep the others
+            rows.append({"format": fmt, "shape": list(shape), "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        # dense copy and bitsandbytes come with every format's rows: kept from the first.
+        rows += [r for r in found if r["format"] == fmt or r["format"] not in {x["format"] for x in rows}]
+    return rows
 
 
 # -- peak memory of one finetuning step ---------------------------------------------------

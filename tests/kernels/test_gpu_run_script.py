@@ -67,6 +67,16 @@ def test_dry_run_writes_the_json(tmp_path: Path) -> None:
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["hbm_roofline_frac"] > 0 and r["ratio_to_dense"] > 0
+    # Every format of the CPU kernel benchmark is materialized too (LUT ones, act-order, ICQ, QuIP).
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_kernels
+    finally:
+        sys.path.pop(0)
+    mat = kernels["materialize"]
+    assert not [r for r in mat if "error" in r]
+    assert {r["format"] for r in mat} >= set(bench_kernels.FORMATS) | {"bnb", "dense"}
+    assert all(r["ms"] > 0 for r in mat)
 
 
 @pytest.mark.slow
