@@ -28,8 +28,9 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *([] if r.get("complete", True) else ["**PARTIAL**: the run stopped before its last base.", ""]),
         f"| base | bits/param | variant | {metric} before | {metric} after | change | trainable params | "
-        "peak RSS MiB (growth) | train CPU s | train wall s | first loss | last loss | step-0 max diff |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peak RSS MiB (growth) | saved for backward MiB | train CPU s | train wall s | first loss | last loss | "
+        "step-0 max diff |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b in r["bases"]:
         before = b["metric_before"]
@@ -39,6 +40,7 @@ def markdown(r: dict[str, Any]) -> str:
                 f"| {b['base']} | {b['bits_per_param']:.3f} | {name} | {_fmt_metric(metric, before)} | "
                 f"{_fmt_metric(metric, after)} | {after - before:+.5f} | {v['trainable_params']:,} | "
                 f"{_mib(v['train_peak_rss_bytes'])} ({_mib(v['train_peak_rss_delta_bytes'])}) | "
+                f"{_mib(v.get('saved_for_backward_bytes'))} | "
                 f"{v['train_cpu_s']:.0f} | {v['train_wall_s']:.0f} | {v['loss'][0]:.4f} | {v['loss'][-1]:.4f} | "
                 f"{v['step0_max_output_diff']:.1e} |"
             )
@@ -60,7 +62,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Threads {env['threads']} of {env['cpu_count']} CPUs (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}); "
         f"1-min load average {env['loadavg_start'][0]:.1f} at the start, {env['loadavg_end'][0]:.1f} at the end "
         "(shared machine: wall times are inflated; CPU times are process CPU seconds). "
-        f"Peak RSS: the process's high-water mark during training (reset at its start), growth in brackets. "
+        "Peak RSS: the process's high-water mark during training (reset at its start), growth in brackets; "
+        "saved for backward: peak bytes autograd saved in one step, parameters excluded (encoders). "
         f"Total {r['seconds']:.0f} s; torch {env['torch']}."
     )
     return "\n".join(lines) + "\n"
