@@ -263,17 +263,18 @@ import torch
 from torch import nn
 sys.path.insert(0, {src!r})
 import lqmod.io as lio
+import lqmod.io.save as lsave
 from lqmod.model import quantize_model
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
 quantize_model(model, "nf", {{"blocksize": 32}}, lora={{"r": 2}}, progress=False)
 mode = sys.argv[1]
 if mode == "during-write":
-    real = lio.write_safetensors
+    real = lsave.write_safetensors  # the name save_checkpoint calls
     def dying(*a, **k):
         real(*a, **k)
         os.kill(os.getpid(), signal.SIGKILL)
-    lio.write_safetensors = dying
+    lsave.write_safetensors = dying
 elif mode == "between-renames":
     real_rename = Path.rename
     def rename(self, target):

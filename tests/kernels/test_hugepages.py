@@ -36,6 +36,18 @@ def _anon_huge_kib(ptr: int, nbytes: int) -> int:
     return total
 
 
+def _vm_flags(ptr: int, nbytes: int) -> set[str]:
+    """VmFlags of this process's mappings that overlap ``[ptr, ptr + nbytes)`` ("hg": MADV_HUGEPAGE)."""
+    inside, flags = False, set()
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
+        if head:
+            inside = int(head.group(1), 16) < ptr + nbytes and ptr < int(head.group(2), 16)
+        elif inside and line.startswith("VmFlags:"):
+            flags |= set(line.split()[1:])
+    return flags
+
+
 def test_small_buffers_are_left_alone() -> None:
     t = hugepages.empty(3, 5, torch.float32)
     assert t.shape == (3, 5) and t.dtype == torch.float32
@@ -48,9 +60,14 @@ def test_large_buffer_is_backed_by_huge_pages() -> None:
     t = hugepages.empty(rows, cols, torch.float32)
     assert t.shape == (rows, cols) and t.is_contiguous()
     assert hugepages.advise(t)  # accepted (the pages are not touched yet)
+    # The advice itself is deterministic: the buffer's aligned interior is marked MADV_HUGEPAGE.
+    assert "hg" in _vm_flags(t.data_ptr(), 4 * t.numel())
     t.fill_(1.5)
-    assert _anon_huge_kib(t.data_ptr(), 4 * t.numel()) >= 2048, "no huge page backs the advised buffer"
     assert bool((t == 1.5).all())
+    # Whether the kernel then finds free 2 MiB pages at fault time depends on fragmentation (a
+    # long test run can leave none): measured when it does, not required.
+    if _anon_huge_kib(t.data_ptr(), 4 * t.numel()) < 2048:
+        pytest.xfail("the kernel backed the advised buffer with small pages (fragmented memory)")
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
