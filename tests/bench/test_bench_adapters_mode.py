@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_missing_model_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err.startswith("lqmod bench adapters: ")
 
 
-def _check_results(data: dict, variants: list[str]) -> None:  # type: ignore[type-arg]
+def _check_results(data: dict[str, Any], variants: list[str]) -> None:
     assert data["variants"] == variants and data["complete"]
     for base in data["bases"]:
         rows = base["variants"]
