@@ -138,8 +138,8 @@ def test_select_rows_and_bad_names() -> None:
     assert {r.name for r in fl.select_rows("quip*")} == {"quip3", "quip2", "quip3+lq-lora", "quip2+lq-lora"}
     with pytest.raises(ValueError, match="matches no row; rows: "):
         fl.select_rows("nf5")
-    assert len(fl.ROWS) == 26 and len({r.name for r in fl.ROWS}) == 26
-    assert len(fl.select_rows("all")) == 26
+    assert len(fl.ROWS) == 27 and len({r.name for r in fl.ROWS}) == 27
+    assert len(fl.select_rows("all")) == 27
     assert {r.name for r in fl.select_rows(None)} == set(fl.DEFAULT_ROWS)
 
 
@@ -159,6 +159,6 @@ def test_cli_report_only_and_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixt
     # Nothing to compute: the summary files are written from (no) row files, no model is loaded.
     assert cli.main(["--report-only", "--steps", "3", "--out", str(tmp_path), "--no-plots"]) == 0
     res = json.loads((tmp_path / "finetune_lm.json").read_text())
-    assert res["rows"] == [] and res["partial"] is True and len(res["missing"]) == 26
+    assert res["rows"] == [] and res["partial"] is True and len(res["missing"]) == 27
     assert res["settings"]["steps"] == 3 and res["settings"]["name"] == "full, custom"
     assert "Settings: `FULL` with steps=3." in (tmp_path / "finetune_lm.md").read_text()

@@ -154,6 +154,13 @@ def _rows() -> list[LMRow]:
                               description=f"ILP plan at {budget} bits/param over NF and OPTQ options"))
     rows = [r if r.initializer == "default" else replace(r, description=r.description + "; lq-lora init")
             for r in rows]
+    # The best OPTQ-3 setting of the sink study at NF3's bits: byte scales over groups of 96 with
+    # act-order (static groups: no g_idx stored, still 3.115 bits) and damping 0.1.
+    rows.append(LMRow("optq3-g96-s8-act", "quantizer", "optq",
+                      {"bits": 3, "sym": False, "group_size": 96, "scale_bits": 8, "desc_act": True,
+                       "static_groups": True, "damp": 0.1}, "default", "sequential",
+                      description="OPTQ 3-bit asymmetric, groups of 96, byte scales, act-order (static groups), "
+                      "damping 0.1, sequential calibration"))
     # Part 2 of issue 11: the same plans from a weight-space table (one quantization per option
     # serves both measures, so these cost only their training).
     for budget in (3.25, 2.75):
@@ -181,7 +188,7 @@ ROWS: list[LMRow] = _rows()
 # quantizer up to lq_iters times per layer (estimated 25 min per OPTQ/plan row, over an hour per
 # QuIP row); select them by name or with --rows all.
 DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf4+lq-lora", "nf3+lq-lora", "nf2+lq-lora", "quip3",
-                "quip2", "optq3", "optq2", "optq3-g96-s8", "plan3.25", "plan2.75", "plan3.25-frob",
+                "quip2", "optq3", "optq2", "optq3-g96-s8", "optq3-g96-s8-act", "plan3.25", "plan2.75", "plan3.25-frob",
                 "plan2.75-frob", "plan3.25-kfac", "plan2.75-kfac")  # fmt: skip
 
 
