@@ -23,7 +23,7 @@ from statistics import NormalDist
 
 import torch
 
-from lqmod.packing import unpack_codes
+from lqmod.code_stats import block_entropy, lut_block_codes
 from lqmod.quantize import QuantizationError
 from lqmod.types import QuantizedWeight, QuantizerSpec
 
@@ -53,18 +53,7 @@ def block_codes(spec: QuantizerSpec, qweight: QuantizedWeight) -> tuple[torch.Te
         raise QuantizationError(
             f"icq needs blocks of consecutive weights: base {spec.name!r} with config {qweight.config} {why}"
         )
-    out_f, in_f = qweight.shape
-    codes = unpack_codes(fmt.codes, fmt.bits, out_f * in_f).long()
-    return codes.view(-1, fmt.group_size), fmt.bits
-
-
-def block_entropy(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Shannon entropy (bits, float64) of the code histogram of every row of ``codes``."""
-    counts = torch.zeros(codes.shape[0], 2**bits, dtype=torch.float64, device=codes.device)
-    counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float64))
-    p = counts / codes.shape[1]
-    logs = torch.where(p > 0, p.log2(), torch.zeros_like(p))
-    return -(p * logs).sum(dim=1)
+    return lut_block_codes(fmt), fmt.bits
 
 
 def shift_values(tau_codes: torch.Tensor, tau_scale: torch.Tensor, tau_groupsize: int) -> torch.Tensor:

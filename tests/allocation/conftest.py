@@ -28,6 +28,22 @@ def alloc_registry() -> Registry:
     return with_allocators(Registry())
 
 
+@pytest.fixture
+def reg() -> Registry:
+    """Only NF, OPTQ, the example RTN and the ILP allocator, registered by hand (no entry points)."""
+    import lqmod_alloc_ilp
+    import lqmod_example_rtn
+    import lqmod_nf
+    import lqmod_optq
+
+    r = Registry(autoload=False)
+    r.register(lqmod_nf, name="nf")
+    r.register(lqmod_optq, name="optq")
+    r.register(lqmod_example_rtn, name="rtn")
+    r.register(lqmod_alloc_ilp, name="ilp")
+    return r
+
+
 class _Dummy(QuantizerConfig):
     k: int = 0
 

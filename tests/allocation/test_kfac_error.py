@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 import lqmod
-import lqmod_nf
-import lqmod_optq
 from lqmod.allocation.command import _error_measure, register
 from lqmod.allocation.planner import plan_model
 from lqmod.allocation.table import build_error_table, kfac_error, resolve_error_measure
@@ -33,18 +31,6 @@ OPTIONS = [
     Option("rtn", RTNConfig(bits=2, group_size=32)),
 ]
 
-
-@pytest.fixture
-def reg() -> Registry:
-    import lqmod_alloc_ilp
-    import lqmod_example_rtn
-
-    r = Registry(autoload=False)
-    r.register(lqmod_nf, name="nf")
-    r.register(lqmod_optq, name="optq")
-    r.register(lqmod_example_rtn, name="rtn")
-    r.register(lqmod_alloc_ilp, name="ilp")
-    return r
 
 
 def kron_form(dw: torch.Tensor, fisher: torch.Tensor, hessian: torch.Tensor, n: int) -> float:

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 import lqmod
-import lqmod_nf
-import lqmod_optq
 from lqmod.allocation.command import _error_measure
 from lqmod.allocation.planner import allocate_table, plan_model
 from lqmod.allocation.table import build_error_table, output_error, resolve_error_measure
@@ -52,18 +50,6 @@ def problem(seed: int = 0) -> tuple[list[tuple[str, torch.Tensor]], dict[str, La
         stats[name] = LayerStats(hessian=x.double().T @ x.double(), n_tokens=x.shape[0])
     return weights, stats, xs
 
-
-@pytest.fixture
-def reg() -> Registry:
-    import lqmod_alloc_ilp
-    import lqmod_example_rtn
-
-    r = Registry(autoload=False)
-    r.register(lqmod_nf, name="nf")
-    r.register(lqmod_optq, name="optq")
-    r.register(lqmod_example_rtn, name="rtn")
-    r.register(lqmod_alloc_ilp, name="ilp")
-    return r
 
 
 def test_output_error_is_the_float64_hand_computation(reg: Registry, tmp_path: Path) -> None:

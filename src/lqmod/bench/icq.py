@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lqmod.bench.matrix import RowSpec, SpecError, parse_specs
 from lqmod.bench.step0 import Row, Workload, WorkloadSettings, dense_weight, end_fidelity, layer_metrics, run_cached
+from lqmod.code_stats import block_entropy, lut_block_codes
 from lqmod.plugins import get_registry
 from lqmod.types import QuantizedWeight, QuantizerSpec
 
@@ -139,22 +140,10 @@ def default_rows(kind: str, wrapper: str = WRAPPER, tau_n: int | None = None) ->
 
 def block_codes(spec: QuantizerSpec, qweight: QuantizedWeight) -> tuple[torch.Tensor, int] | None:
     """(n_blocks, group) int64 codes of a LUT-style weight and its bits; None where it has no LUT form."""
-    from lqmod.packing import unpack_codes
-
     fmt = spec.lut_format(qweight) if spec.lut_format is not None else None
     if fmt is None or fmt.g_idx is not None:
         return None
-    out_f, in_f = qweight.shape
-    codes = unpack_codes(fmt.codes, fmt.bits, out_f * in_f).long()
-    return codes.view(-1, fmt.group_size), fmt.bits
-
-
-def block_entropy(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Shannon entropy (bits, float64) of the code histogram of every row of ``codes``."""
-    counts = torch.zeros(codes.shape[0], 2**bits, dtype=torch.float64, device=codes.device)
-    counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float64))
-    p = counts / codes.shape[1]
-    return -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=1)
+    return lut_block_codes(fmt), fmt.bits
 
 
 # -- measuring a row -------------------------------------------------------------------------
