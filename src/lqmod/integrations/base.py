@@ -17,11 +17,11 @@ from lqmod.config import Plan, PlanEntry, TargetConfig, validate_config
 from lqmod.model import (
     LayerReport,
     QuantizeReport,
-    find_targets,
     iter_lora_layers,
     missing_stats_message,
     replace_module,
 )
+from lqmod.model.targets import _resolve_entries
 from lqmod.nn.lora_linear import LoRALinear
 from lqmod.nn.quantized_linear import QuantizedLinear
 from lqmod.plugins import Registry, get_registry
@@ -51,27 +51,9 @@ def resolve_entries(
     plan: Plan | Mapping[str, Any] | None = None,
 ) -> dict[str, PlanEntry]:
     """Module name -> quantizer and config: every layer ``targets`` selects, or the ``plan``'s."""
-    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
-    if plan is not None:
-        plan_cfg: Plan = validate_config(Plan, plan, what="plan")
-        unknown = sorted(set(plan_cfg.modules) - linear)
-        if unknown:
-            raise ValueError(
-                f"plan names {len(unknown)} module(s) that are not linear layers of this model, e.g. "
-                f"{unknown[:3]}; the model's linear layers include {sorted(linear)[:5]}"
-            )
-        return dict(plan_cfg.modules)
-    if quantizer is None:
-        raise ValueError("give either a quantizer name or a plan")
+    # The same resolution quantize_model uses, so both routes accept and refuse the same input.
     target_cfg: TargetConfig = validate_config(TargetConfig, targets, what="targets")
-    chosen = find_targets(model, target_cfg)
-    if not chosen:
-        raise ValueError(
-            f"no linear layer matches include={target_cfg.include} exclude={target_cfg.exclude}; "
-            f"linear layers of this model: {sorted(linear)[:8]}"
-        )
-    cfg = config.model_dump() if hasattr(config, "model_dump") else dict(config or {})
-    return {n: PlanEntry(quantizer=quantizer, config=cfg) for n in chosen}
+    return _resolve_entries(model, quantizer, config, target_cfg, plan)
 
 
 def quantize_one(
