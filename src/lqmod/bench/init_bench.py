@@ -99,9 +99,15 @@ _MATRIX: dict[str, list[tuple[str, str]]] = {
         *[(f"quip{b}=quip:bits={b}", _QUIP_LQ) for b in (3, 4)],
         *[(f"nf{b}=nf:bits={b},{_NF}", _HYBRID) for b in (3, 4)],
     ],
-    # SmolLM2 (210 layers, a perplexity run per row) on a shared 2-core CPU: NF4 in full, NF3
-    # default vs quailora only.
-    "causal-lm": [(f"nf4=nf:bits=4,{_NF}", _FULL_NF), (f"nf3=nf:bits=3,{_NF}", "default;quailora:method=als")],
+    # SmolLM2 (210 layers, a perplexity run per row) on a 2-core CPU: NF4 in full; NF3, OPTQ-3
+    # and QuIP#-like 3/2 with the paper's ALS and the capped lq-lora (as on MiniLM; none over QuIP-2).
+    "causal-lm": [
+        (f"nf4=nf:bits=4,{_NF}", _FULL_NF),
+        (f"nf3=nf:bits=3,{_NF}", "default;quailora:method=als;lq-lora:max_iters=10"),
+        (f"optq3=optq:bits=3,{_OPTQ}", "default;quailora:method=als;lq-lora:max_iters=3"),
+        ("quip3=quip:bits=3", "default;quailora:method=als;lq-lora:max_iters=2"),
+        ("quip2=quip:bits=2", "default;quailora:method=als"),
+    ],
 }
 
 
