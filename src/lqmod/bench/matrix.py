@@ -88,9 +88,20 @@ def parse_spec(text: str, kind: Kind | None = None) -> RowSpec:
             if key.startswith("init.")
             else (config, key)
         )
-        if key in target:
+        # A dotted key fills a nested config (a wrapper's base: "icq:base=nf,base_config.bits=3").
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not part:
+                raise SpecError(f"bad key {key!r} in spec {text!r}: empty part in a dotted key")
+            inner = target.setdefault(part, {})
+            if not isinstance(inner, dict):
+                raise SpecError(f"key {part!r} in spec {text!r} is both a value and a nested config")
+            target = inner
+        if not leaf:
+            raise SpecError(f"bad key {key!r} in spec {text!r}: empty part in a dotted key")
+        if leaf in target:
             raise SpecError(f"key {key!r} given twice in spec {text!r}")
-        target[key] = parse_value(value)
+        target[leaf] = parse_value(value)
     if kind is None:
         kind = "baseline" if name in BASELINE_NAMES else "lqmod"
     if kind == "baseline" and (lora or init):
@@ -111,10 +122,15 @@ def _fmt(value: Any) -> str:
 
 def format_spec(row: RowSpec) -> str:
     """The inverse of :func:`parse_spec` (``parse_spec(format_spec(r)) == r``)."""
-    items = [f"{k}={_fmt(v)}" for k, v in row.config.items()]
-    items += [f"lora.{k}={_fmt(v)}" for k, v in row.lora.items()]
-    items += [f"init.{k}={_fmt(v)}" for k, v in row.init.items()]
+    items = _items(row.config, "") + _items(row.lora, "lora.") + _items(row.init, "init.")
     return row.name + (":" + ",".join(items) if items else "")
+
+
+def _items(config: Mapping[str, Any], prefix: str) -> list[str]:
+    out: list[str] = []
+    for k, v in config.items():
+        out += _items(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [f"{prefix}{k}={_fmt(v)}"]
+    return out
 
 
 # -- default matrices ------------------------------------------------------------------------
