@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lqmod.bench.finetune_lm.context import _Context
-from lqmod.bench.finetune_lm.fingerprints import _plan_error, _quant_key
+from lqmod.bench.finetune_lm.fingerprints import _plan_error, _quant_key, lq_iters
 from lqmod.bench.finetune_lm.rows import LMRow
 from lqmod.bench.finetune_lm.settings import LMBenchSettings
 from lqmod.bench.finetune_lm.store import _atomic_write, _dump, _read_json
@@ -22,7 +22,7 @@ from lqmod.bench.finetune_lm.store import _atomic_write, _dump, _read_json
 def _lora(row: LMRow, s: LMBenchSettings) -> dict[str, Any]:
     lora: dict[str, Any] = {"r": s.rank, "alpha": s.alpha, "initializer": row.initializer}
     if row.initializer == "lq-lora":
-        lora["initializer_config"] = {"max_iters": s.lq_iters}
+        lora["initializer_config"] = {"max_iters": lq_iters(row, s)}
     return lora
 
 

@@ -18,7 +18,7 @@ def _quant_key(row: LMRow, s: LMBenchSettings) -> str:
     """What the quantized model (with its initial adapters) depends on: not the training settings."""
     used = {
         "model": s.model, "row": row.spec(), "rank": s.rank, "alpha": s.alpha, "seed": s.seed,
-        "lq_iters": s.lq_iters if row.initializer == "lq-lora" else None,
+        "lq_iters": lq_iters(row, s) if row.initializer == "lq-lora" else None,
     }  # fmt: skip
     if row.calibration != "none":
         used.update(calib_text=s.calib_text, calib_windows=s.calib_windows, calib_len=s.calib_len,
@@ -32,3 +32,8 @@ def _quant_key(row: LMRow, s: LMBenchSettings) -> str:
 
 def _plan_error(row: LMRow, s: LMBenchSettings) -> str:
     return row.plan_error if row.plan_error is not None else s.plan_error
+
+
+def lq_iters(row: LMRow, s: LMBenchSettings) -> int:
+    """The lq-lora alternations of a row: the settings' count, capped by the row's own."""
+    return s.lq_iters if row.lq_iters is None else min(row.lq_iters, s.lq_iters)

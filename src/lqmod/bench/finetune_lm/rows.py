@@ -24,6 +24,8 @@ class LMRow:
     calibration: Calibration = "none"
     budget: float | None = None  # plan rows: average bits per parameter
     plan_error: str | None = None  # plan rows: the table's error measure (None: the settings')
+    # lq-lora rows: a cap below the settings' lq_iters (QuIP#-like: each alternation re-runs it)
+    lq_iters: int | None = None
     description: str = ""
 
     def spec(self) -> dict[str, Any]:
@@ -33,6 +35,8 @@ class LMRow:
         }  # fmt: skip
         if self.plan_error is not None:  # absent otherwise, so earlier rows keep their fingerprints
             spec["plan_error"] = self.plan_error
+        if self.lq_iters is not None:  # the same: absent unless a row caps it
+            spec["lq_iters"] = self.lq_iters
         return spec
 
 
@@ -55,7 +59,10 @@ def _rows() -> list[LMRow]:
                           {"bits": 3, "sym": False, "group_size": 96, "scale_bits": 8}, init, "sequential",
                           description="OPTQ 3-bit asymmetric, groups of 96, byte scales, sequential calibration"))
         for b in (3, 2):
+            # lq-lora over QuIP#-like: 2 alternations (each is a QuIP run of every layer, ~7 min
+            # on 2 idle cores; 10 would take over an hour per row), as in `lqmod bench init`.
             rows.append(LMRow(f"quip{b}{suffix}", "quantizer", "quip", {"bits": b}, init, "hessian",
+                              lq_iters=2 if init == "lq-lora" else None,
                               description=f"QuIP#-like {b}-bit, Hessians of the fp model"))
         for budget in (3.25, 2.75):
             rows.append(LMRow(f"plan{budget}{suffix}", "plan", None, {}, init, "hessian", budget,
