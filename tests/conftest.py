@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,6 +15,30 @@ import pytest
 import torch
 
 import lqmod
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+# LQMOD_TEST_TIMES=path appends one line per test: node id, wall seconds, this process's CPU
+# seconds, children's CPU seconds (setup and teardown included, so a shared fixture is charged
+# to the first test that uses it). CPU time ranks the slow tests even on a machine shared
+# with other work, where --durations' wall clock mostly measures the other work; lines are
+# written as each test ends, so an interrupted run still leaves its ranking.
+_TIMES = os.environ.get("LQMOD_TEST_TIMES")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if not _TIMES:
+        yield
+        return
+    wall, cpu, before = time.perf_counter(), time.process_time(), os.times()
+    yield
+    after = os.times()
+    children = after.children_user + after.children_system - before.children_user - before.children_system
+    with open(_TIMES, "a", encoding="utf-8") as f:
+        f.write(f"{item.nodeid}\t{time.perf_counter() - wall:.2f}\t{time.process_time() - cpu:.2f}\t{children:.2f}\n")
 
 
 @pytest.fixture
@@ -25,7 +52,7 @@ def nf_spec(registry: lqmod.Registry) -> lqmod.QuantizerSpec:
 
 
 @pytest.fixture
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama() -> LlamaForCausalLM:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
@@ -36,7 +63,7 @@ def tiny_llama() -> torch.nn.Module:
 
 
 @pytest.fixture
-def tiny_gpt2() -> torch.nn.Module:
+def tiny_gpt2() -> GPT2LMHeadModel:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)
@@ -67,7 +94,7 @@ def train_text() -> str:
 
 
 @pytest.fixture(scope="session")
-def word_tokenizer() -> object:
+def word_tokenizer() -> PreTrainedTokenizerFast:
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     words = sorted(set(re.findall(r"\S+", TEXT)))
