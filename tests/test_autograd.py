@@ -73,12 +73,13 @@ def test_gradients_match_float64_dense_reference(nf_spec: lqmod.QuantizerSpec, b
 
     close(y.detach(), y64.detach())
     assert x.grad is not None and layer.lora_A.grad is not None and layer.lora_B.grad is not None
-    close(x.grad, x64.grad)  # type: ignore[arg-type]
-    close(layer.lora_A.grad, a64.grad)  # type: ignore[arg-type]
-    close(layer.lora_B.grad, b64.grad)  # type: ignore[arg-type]
+    assert x64.grad is not None and a64.grad is not None and b64.grad is not None
+    close(x.grad, x64.grad)
+    close(layer.lora_A.grad, a64.grad)
+    close(layer.lora_B.grad, b64.grad)
     if bias64 is not None:
-        assert layer.bias is not None and layer.bias.grad is not None
-        close(layer.bias.grad, bias64.grad)  # type: ignore[arg-type]
+        assert layer.bias is not None and layer.bias.grad is not None and bias64.grad is not None
+        close(layer.bias.grad, bias64.grad)
 
 
 def test_base_weight_gets_no_gradient_and_only_adapters_train(nf_spec: lqmod.QuantizerSpec) -> None:

@@ -186,7 +186,11 @@ def test_missing_statistics_are_one_line_errors(reg: Registry) -> None:
     assert resolve_error_measure("auto", ["a", "b"], stats) == "fisher"  # auto never picks kfac
     with pytest.raises(ValueError, match="accepted: auto, frobenius, fisher, output, kfac"):
         build_error_table(weights, OPTIONS[:1], stats=stats, cache=False, registry=reg, progress=False, error="loss")
-    bad = {n: LayerStats(s.hessian, s.n_tokens, s.fisher.T) for n, s in stats.items()}  # type: ignore[union-attr]
+    def transposed_fisher(s: LayerStats) -> LayerStats:
+        assert s.fisher is not None
+        return LayerStats(s.hessian, s.n_tokens, s.fisher.T)
+
+    bad = {n: transposed_fisher(s) for n, s in stats.items()}
     with pytest.raises(ValueError, match=r"a: Fisher shape \(64, 12\) differs"):
         build_error_table(weights, OPTIONS[:1], stats=bad, **kw)
 

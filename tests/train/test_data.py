@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from lqmod.train.data import IGNORE_INDEX, Record, pack_records, read_records, tokenize_records
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
-def _ids(tok: object, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+
+def _ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    return ids
 
 
-def test_packing_concatenates_records_with_eos_and_drops_the_remainder(word_tokenizer: object) -> None:
+def test_packing_concatenates_records_with_eos_and_drops_the_remainder(word_tokenizer: PreTrainedTokenizerFast) -> None:
     recs = [Record("the quick brown fox"), Record("the lazy dog ."), Record("a small adapter")]
-    eos = word_tokenizer.eos_token_id  # type: ignore[attr-defined]
+    eos = word_tokenizer.eos_token_id
     stream = [t for r in recs for t in [*_ids(word_tokenizer, r.text), eos]]
     packed = pack_records(word_tokenizer, recs, 5)
     assert len(stream) == 14
@@ -28,7 +33,7 @@ def test_packing_concatenates_records_with_eos_and_drops_the_remainder(word_toke
     assert (packed.input_ids == eos).sum() == 2  # records are separated, never padded
 
 
-def test_prompt_tokens_are_masked_out_of_the_loss(word_tokenizer: object) -> None:
+def test_prompt_tokens_are_masked_out_of_the_loss(word_tokenizer: PreTrainedTokenizerFast) -> None:
     recs = [Record("the dog sleeps", prompt="the quick brown fox"), Record("a small adapter .")]
     ids, labels = tokenize_records(word_tokenizer, recs)
     n_prompt = len(_ids(word_tokenizer, "the quick brown fox"))
@@ -38,7 +43,7 @@ def test_prompt_tokens_are_masked_out_of_the_loss(word_tokenizer: object) -> Non
     assert packed.describe()["scored_tokens"] == int((packed.labels != IGNORE_INDEX).sum()) < packed.n_tokens
 
 
-def test_jsonl_records(tmp_path: Path, word_tokenizer: object) -> None:
+def test_jsonl_records(tmp_path: Path, word_tokenizer: PreTrainedTokenizerFast) -> None:
     path = tmp_path / "sft.jsonl"
     rows = [{"prompt": "the quick brown fox", "completion": "jumps over the lazy dog ."}, {"text": "the dog sleeps"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -64,7 +69,7 @@ def test_bad_jsonl_records_name_the_line(tmp_path: Path, line: str, message: str
         read_records(str(path))
 
 
-def test_unknown_source_and_too_little_text(word_tokenizer: object, tmp_path: Path) -> None:
+def test_unknown_source_and_too_little_text(word_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"neither a corpus .*wikitext2.* nor a file"):
         pack_records(word_tokenizer, "no-such-corpus", 8)
     small = tmp_path / "small.txt"
