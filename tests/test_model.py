@@ -40,12 +40,12 @@ def test_only_adapters_are_trainable(tiny_llama: torch.nn.Module) -> None:
 
 def test_gpt2_conv1d_is_handled(tiny_gpt2: torch.nn.Module) -> None:
     ids = _ids()
-    conv = tiny_gpt2.transformer.h[0].attn.c_attn
-    w_dense = conv.weight.detach().t().clone()  # Conv1D stores (in, out)
+    # Conv1D stores (in, out)
+    w_dense = tiny_gpt2.get_parameter("transformer.h.0.attn.c_attn.weight").detach().t().clone()
     with torch.no_grad():
         ref = tiny_gpt2(ids).logits
     report = quantize_model(tiny_gpt2, "nf", {"bits": 4, "blocksize": 32}, progress=False)
-    layer = tiny_gpt2.transformer.h[0].attn.c_attn
+    layer = tiny_gpt2.get_submodule("transformer.h.0.attn.c_attn")
     assert isinstance(layer, lqmod.LoRALinear) and layer.origin == "conv1d"
     assert layer.qweight.shape == tuple(w_dense.shape)
     err = (layer.dense_weight() - w_dense).norm() / w_dense.norm()

@@ -132,7 +132,7 @@ def test_every_builtin_validate_hook_refuses_an_edited_config(
     model = _tiny()
     quantize_model(model, quantizer, config, lora={"r": 2}, stats=_stats(), progress=False)
     lio.save_checkpoint(model, tmp_path / "c")
-    assert isinstance(lio.load_checkpoint(tmp_path / "c", model=_tiny())[0], lqmod.LoRALinear)
+    assert isinstance(lio.load_checkpoint(tmp_path / "c", model=_tiny()).get_submodule("0"), lqmod.LoRALinear)
     _edit(tmp_path / "c", _set(["layers", "2", "config", *edit], value), resign=True)
     spec = lqmod.get_registry().quantizer(quantizer)
     assert spec.validate is not None
@@ -179,7 +179,8 @@ def test_a_quantizer_that_materializes_inf_is_refused() -> None:
     def quantize(w: torch.Tensor, cfg: QuantizerConfig, stats: object) -> QuantizedWeight:
         scale = w.abs().amax(dim=1, keepdim=True) / 127
         codes = torch.round(w / scale).to(torch.int8)
-        return QuantizedWeight("fp16-absmax", cfg.model_dump(), tuple(w.shape),
+        rows, cols = w.shape
+        return QuantizedWeight("fp16-absmax", cfg.model_dump(), (rows, cols),
                                {"codes": codes, "scale": scale.to(torch.float16)})
 
     def materialize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -198,22 +199,26 @@ def test_a_quantizer_that_materializes_inf_is_refused() -> None:
             return [spec]
 
     registry.register(Plugin(), name="fp16-absmax")
-    model = nn.Sequential(nn.Linear(16, 8))
+    linear = nn.Linear(16, 8)
+    model = nn.Sequential(linear)
     with torch.no_grad():
-        model[0].weight.mul_(1e9)
+        linear.weight.mul_(1e9)
     with pytest.raises(QuantizationError, match=r"^0: quantizer 'fp16-absmax' .* non-finite"):
         quantize_model(model, "fp16-absmax", registry=registry, progress=False)
 
 
 def test_rel_error_of_huge_finite_weights_is_finite() -> None:
-    model = nn.Sequential(nn.Linear(64, 32))
+    linear = nn.Linear(64, 32)
+    model = nn.Sequential(linear)
     weight = (torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 1e38
     with torch.no_grad():
-        model[0].weight.copy_(weight)
+        linear.weight.copy_(weight)
     report = quantize_model(model, "nf", {"blocksize": 64, "double_quant": False}, progress=False)
     err = report.layers[0].rel_error
     # The same ratio in float64 (a float32 norm of 1e38-sized entries is inf, and inf/inf NaN).
-    dense = model[0].dense_weight(torch.float32).double()
+    layer = model[0]
+    assert isinstance(layer, lqmod.LoRALinear)
+    dense = layer.dense_weight(torch.float32).double()
     ref = float((dense - weight.double()).norm() / weight.double().norm())
     assert math.isfinite(err) and 0.0 < err < 0.2
     assert err == pytest.approx(ref, rel=1e-9)
@@ -315,7 +320,7 @@ def test_an_overwrite_killed_between_its_renames_is_finished_by_the_next_load(tm
     _run_killed("between-renames", target, tmp_path)
     assert not target.exists()  # the crash window: old and new copies both hidden
     model = lio.load_checkpoint(target, model=_tiny())
-    assert isinstance(model[0], lqmod.LoRALinear)
+    assert isinstance(model.get_submodule("0"), lqmod.LoRALinear)
     assert lio.read_manifest(target)["extra"] == {"run": "new"}  # the overwrite was completed
     assert _hidden(tmp_path) == []
 

@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from lqmod.io import load_checkpoint, read_manifest, save_checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -112,11 +115,11 @@ def test_streamed_refusals(tmp_path: Path) -> None:
         quantize_pretrained_streamed(cut, out=tmp_path / "x", progress=False)
 
 
-def test_cli_stream_writes_what_quantize_writes(tmp_path: Path, word_tokenizer: object) -> None:
+def test_cli_stream_writes_what_quantize_writes(tmp_path: Path, word_tokenizer: PreTrainedTokenizerFast) -> None:
     from lqmod.cli import main
 
     src = _tiny(tmp_path, tie=True)
-    word_tokenizer.save_pretrained(src)  # type: ignore[attr-defined]
+    word_tokenizer.save_pretrained(src)
     common = ["quantize", str(src), "--config", "bits=4,blocksize=32", "--rank", "4"]
     assert main([*common, "--out", str(tmp_path / "mem")]) == 0
     assert main([*common, "--stream", "--out", str(tmp_path / "str")]) == 0

@@ -119,7 +119,11 @@ def test_cache_is_reused_and_measures_do_not_mix(reg: Registry, tmp_path: Path) 
         assert [c.error for c in fro.candidates[name]] == [c.error for c in fresh.candidates[name]]
         assert [c.error for c in fro.candidates[name]] != [c.error for c in first.candidates[name]]
     # A different Hessian is a different key, never a stale hit.
-    other = {n: LayerStats(s.hessian * 2, s.n_tokens) for n, s in stats.items()}  # type: ignore[operator]
+    def doubled(s: LayerStats) -> LayerStats:
+        assert s.hessian is not None
+        return LayerStats(s.hessian * 2, s.n_tokens)
+
+    other = {n: doubled(s) for n, s in stats.items()}
     moved = build_error_table(weights, opts, stats=other, cache=tmp_path, registry=reg, progress=False, error="output")
     assert moved.cached == 0
     a0, a1 = first.candidates["a"][0], moved.candidates["a"][0]
@@ -158,7 +162,7 @@ def test_plan_model_with_output_error(tiny_llama: torch.nn.Module, reg: Registry
     total = 0.0
     for name, entry in plan.modules.items():
         spec = reg.quantizer(entry.quantizer)
-        w = tiny_llama.get_submodule(name).weight.detach()
+        w = tiny_llama.get_parameter(f"{name}.weight").detach()
         qw = lqmod.quantize_weight(spec, w, entry.config, stats[name])
         d = w.double() - spec.materialize(qw, torch.float32).double()
         h = stats[name].hessian

@@ -49,7 +49,7 @@ def test_bits_of_the_wrapper_equal_plain_nf_at_half_the_block() -> None:
         n = shape[0] * shape[1]
         for bits in (2, 3, 4):
             w_cfg = icq.config_model.model_validate({"base_config": {"bits": bits, "blocksize": 64}})
-            plain = nf.bits_per_param(nf.config_model(bits=bits, blocksize=32), shape)
+            plain = nf.bits_per_param(nf.config_model.model_validate({"bits": bits, "blocksize": 32}), shape)
             assert round((icq.bits_per_param(w_cfg, shape) - plain) * n) == slack, (shape, bits)
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from lqmod.bench import finetune_lm as fl
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROW_KEYS = {
     "row", "status", "fingerprint", "spec", "bits_per_param", "quantized_params", "trainable_params",
@@ -25,7 +28,7 @@ ROW_KEYS = {
 
 @pytest.fixture
 def tiny_setup(
-    tmp_path: Path, tiny_llama: torch.nn.Module, word_tokenizer: Any, train_text: str
+    tmp_path: Path, tiny_llama: LlamaForCausalLM, word_tokenizer: PreTrainedTokenizerFast, train_text: str
 ) -> fl.LMBenchSettings:
     model_dir = tmp_path / "tiny"
     tiny_llama.save_pretrained(model_dir)
@@ -128,7 +131,7 @@ def test_plan_and_bnb_rows(tiny_setup: fl.LMBenchSettings, tmp_path: Path, tiny_
     from lqmod.config import TargetConfig
     from lqmod.model import find_targets
 
-    sizes = [tiny_llama.get_submodule(n).weight.numel() for n in find_targets(tiny_llama, TargetConfig())]
+    sizes = [tiny_llama.get_parameter(f"{n}.weight").numel() for n in find_targets(tiny_llama, TargetConfig())]
     expected = sum(n * (4 + 8 / 64) + 32 * -(-n // (64 * 256)) + 32 for n in sizes) / sum(sizes)
     assert bnb["bits_per_param"] == pytest.approx(expected, rel=1e-9)
 

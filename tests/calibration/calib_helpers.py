@@ -114,7 +114,8 @@ class Recorder:
     def quantize(self, w: torch.Tensor, cfg: StepConfig, stats: LayerStats | None) -> QuantizedWeight:
         self.calls.append((w.clone(), stats))
         q = torch.round(w.float() / cfg.step) * cfg.step
-        return QuantizedWeight(self.name, cfg.model_dump(), tuple(w.shape), {"w": q})
+        rows, cols = w.shape
+        return QuantizedWeight(self.name, cfg.model_dump(), (rows, cols), {"w": q})
 
     @lqmod.hookimpl
     def lqmod_quantizers(self) -> Iterator[QuantizerSpec]:

@@ -24,15 +24,20 @@ def _hf_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> t
     return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None, "backward left no gradient"
+    return p.grad
+
+
 def _reference(model: torch.nn.Module, names: list[str], batches: list[dict[str, torch.Tensor]]) -> dict:
-    sums = {n: torch.zeros_like(model.get_submodule(n).weight, dtype=torch.float64) for n in names}
+    sums = {n: torch.zeros_like(model.get_parameter(f"{n}.weight"), dtype=torch.float64) for n in names}
     count = 0
     for b in batches:
         for i in range(b["input_ids"].shape[0]):
             model.zero_grad(set_to_none=True)
             _hf_loss(model, b["input_ids"][i : i + 1], b["attention_mask"][i : i + 1]).backward()
             for n in names:
-                sums[n] += model.get_submodule(n).weight.grad.double() ** 2
+                sums[n] += _grad(model.get_parameter(f"{n}.weight")).double() ** 2
             count += 1
     model.zero_grad(set_to_none=True)
     return {n: s / count for n, s in sums.items()}
@@ -62,7 +67,7 @@ def test_per_example_fisher_matches_loop(tiny_llama: torch.nn.Module) -> None:
 def test_batch_gradient_mode(tiny_llama: torch.nn.Module) -> None:
     b = padded_batch(4)
     got = diagonal_fisher(tiny_llama, NAMES[:1], [b], per_example=False, progress=False)
-    w = tiny_llama.get_submodule(NAMES[0]).weight
+    w = tiny_llama.get_parameter(f"{NAMES[0]}.weight")
     (g,) = torch.autograd.grad(causal_lm_loss(tiny_llama, b).mean(), [w])
     torch.testing.assert_close(got[NAMES[0]], g.square(), rtol=1e-5, atol=1e-12)
 
@@ -86,13 +91,13 @@ def test_conv1d_is_out_by_in(tiny_gpt2: torch.nn.Module) -> None:
     name = "transformer.h.0.attn.c_attn"
     b = padded_batch(5)
     fisher = diagonal_fisher(tiny_gpt2, [name], [b], progress=False)[name]
-    weight = tiny_gpt2.get_submodule(name).weight  # (in, out) = (64, 192)
+    weight = tiny_gpt2.get_parameter(f"{name}.weight")  # (in, out) = (64, 192)
     assert fisher.shape == (192, 64)
     ref = torch.zeros_like(weight)
     for i in range(3):
         tiny_gpt2.zero_grad(set_to_none=True)
         _hf_loss(tiny_gpt2, b["input_ids"][i : i + 1], b["attention_mask"][i : i + 1]).backward()
-        ref += weight.grad**2 / 3
+        ref += _grad(weight) ** 2 / 3
     tiny_gpt2.zero_grad(set_to_none=True)
     torch.testing.assert_close(fisher, ref.t(), rtol=1e-4, atol=1e-12)
 
@@ -119,7 +124,7 @@ def test_contrastive_loss_and_fisher_on_encoder(tiny_bert: torch.nn.Module) -> N
     torch.testing.assert_close(per, F.cross_entropy(scores, torch.arange(3), reduction="none"))
 
     name = "encoder.layer.0.attention.self.query"
-    weight = tiny_bert.get_submodule(name).weight
+    weight = tiny_bert.get_parameter(f"{name}.weight")
     tiny_bert.train()  # dropout is on in this config: the Fisher must be measured without it
     fisher = diagonal_fisher(tiny_bert, [name], [b], progress=False)[name]
     assert tiny_bert.training

@@ -33,6 +33,7 @@ def test_llama_padded_batch_matches_float64_reference(tiny_llama: torch.nn.Modul
         torch.testing.assert_close(s.act_absmean.double(), absmean, rtol=1e-5, atol=1e-7)
     # q, k and v read the same tensor: one shared product, identical bit for bit.
     q, k, v = (stats[n].hessian for n in LLAMA[:3])
+    assert q is not None and k is not None and v is not None
     assert torch.equal(q, k) and torch.equal(q, v) and q is not k
 
 
@@ -54,8 +55,9 @@ def test_gpt2_conv1d(tiny_gpt2: torch.nn.Module) -> None:
     batches = [padded_batch(3)]
     stats = collect_hessians(tiny_gpt2, names, batches, progress=False)
     ref = reference_gram(tiny_gpt2, names, batches)
-    assert stats[names[0]].hessian.shape == (64, 64)
-    assert stats[names[1]].hessian.shape == (256, 256)
+    h0, h1 = stats[names[0]].hessian, stats[names[1]].hessian
+    assert h0 is not None and h0.shape == (64, 64)
+    assert h1 is not None and h1.shape == (256, 256)
     for name in names:
         torch.testing.assert_close(stats[name].hessian, ref[name][0], rtol=1e-5, atol=1e-5)
         assert stats[name].n_tokens == 26
@@ -68,4 +70,4 @@ def test_bad_names_are_clear(tiny_llama: torch.nn.Module) -> None:
         collect_hessians(tiny_llama, ["model.layers.0.mlp"], [padded_batch()], progress=False)
     with pytest.raises(ValueError, match="no calibration token"):
         collect_hessians(tiny_llama, LLAMA[:1], [], progress=False)
-    assert not tiny_llama.model.layers[0].self_attn.q_proj._forward_hooks
+    assert not tiny_llama.get_submodule("model.layers.0.self_attn.q_proj")._forward_hooks

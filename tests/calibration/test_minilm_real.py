@@ -48,7 +48,8 @@ def test_minilm_hessians_and_fisher(minilm_dir: str) -> None:
         eig = torch.linalg.eigvalsh(h)
         # PSD up to float32 rounding of the per-batch products (rank-deficient: fewer tokens than features).
         assert float(eig.min()) >= -1e-6 * float(eig.max())
-        assert stats[name].act_absmean is not None and bool((stats[name].act_absmean > 0).any())
+        absmean = stats[name].act_absmean
+        assert absmean is not None and bool((absmean > 0).any())
     fisher = diagonal_fisher(model, NAMES[:3], batches, progress=False)
     for name in NAMES[:3]:
         f = fisher[name]

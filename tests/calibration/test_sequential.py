@@ -58,9 +58,12 @@ def test_hessians_are_taken_on_quantized_inputs(tiny_llama: torch.nn.Module) -> 
         torch.testing.assert_close(s.hessian, fed[name][0], rtol=1e-5, atol=1e-5)
         if name != "model.layers.0.self_attn.q_proj" and not name.startswith("model.layers.0.self_attn."):
             # Every layer downstream of a quantized one sees a different input than in the dense model.
-            assert not torch.allclose(s.hessian, before[name].hessian, rtol=1e-3, atol=1e-4), name
-    q0 = got["model.layers.0.self_attn.q_proj"].hessian
-    torch.testing.assert_close(q0, before["model.layers.0.self_attn.q_proj"].hessian, rtol=1e-5, atol=1e-6)
+            dense_h = before[name].hessian
+            assert dense_h is not None
+            assert not torch.allclose(s.hessian, dense_h, rtol=1e-3, atol=1e-4), name
+    q0, q0_dense = got["model.layers.0.self_attn.q_proj"].hessian, before["model.layers.0.self_attn.q_proj"].hessian
+    assert q0 is not None and q0_dense is not None
+    torch.testing.assert_close(q0, q0_dense, rtol=1e-5, atol=1e-6)
 
 
 def test_without_needs_equals_quantize_model(tiny_llama: torch.nn.Module) -> None:
@@ -88,7 +91,8 @@ def test_gpt2_and_outside_targets(tiny_gpt2: torch.nn.Module) -> None:
                  for n, m in tiny_gpt2.named_modules() if (hasattr(m, "weight") and "h." in n) or n == "lm_head"}
     batches = [padded_batch(2)]
     targets = {"include": [r"\.h\.1\.mlp\.c_fc$", r"^lm_head$"], "exclude": []}
-    assert find_blocks(tiny_gpt2, ["transformer.h.1.mlp.c_fc"])[0] == "transformer.h"
+    blocks = find_blocks(tiny_gpt2, ["transformer.h.1.mlp.c_fc"])
+    assert blocks is not None and blocks[0] == "transformer.h"
     quantize_model_sequential(tiny_gpt2, "rec", batches=batches, targets=targets, registry=_registry(rec),
                               progress=False)
     got = rec.stats_by_name(originals)
@@ -136,7 +140,7 @@ def test_cache_reuses_sequential_hessians(tiny_llama: torch.nn.Module, tmp_path:
     def no_forward(*_a: object, **_k: object) -> None:
         raise AssertionError("a cached run must not run the model")
 
-    other.forward = no_forward  # type: ignore[method-assign]
+    other.forward = no_forward
     r2 = quantize_model_sequential(other, "rec", batches=batches, registry=_registry(rec2), cache=cache,
                                    progress=False)
     assert r1.layers == r2.layers

@@ -61,7 +61,7 @@ def test_sequential_passes_sink(tiny_llama: nn.Module) -> None:
     sink = SinkWeighting(share=0.5)
     expected = collect_hessians(tiny_llama, [first], batches, progress=False, sink=sink)[first]
     natural = collect_hessians(tiny_llama, [first], batches, progress=False)[first]
-    originals = {n: tiny_llama.get_submodule(n).weight.detach().clone() for n in NAMES}
+    originals = {n: tiny_llama.get_parameter(f"{n}.weight").detach().clone() for n in NAMES}
     quantize_model_sequential(
         tiny_llama, "rec", {}, batches=batches, targets={"include": [r"layers\.0\.self_attn\.q_proj$"]},
         registry=reg, progress=False, sink=sink,
@@ -69,6 +69,7 @@ def test_sequential_passes_sink(tiny_llama: nn.Module) -> None:
     got = rec.stats_by_name(originals)[first]
     assert got is not None and got.n_tokens == 48
     torch.testing.assert_close(got.hessian, expected.hessian)
+    assert got.hessian is not None and natural.hessian is not None
     assert not torch.allclose(got.hessian, natural.hessian)
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from lqmod.evaluation import stream_perplexity, window_plan, windows_loss
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 pytest.importorskip("transformers")
 
@@ -82,10 +86,10 @@ def test_windows_loss_ignores_masked_labels(tiny_llama: torch.nn.Module) -> None
 
 
 @pytest.fixture
-def model_dir(tiny_llama: torch.nn.Module, word_tokenizer: object, tmp_path: Path) -> Path:
+def model_dir(tiny_llama: LlamaForCausalLM, word_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> Path:
     path = tmp_path / "tiny"
     tiny_llama.save_pretrained(path)
-    word_tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
+    word_tokenizer.save_pretrained(path)
     return path
 
 

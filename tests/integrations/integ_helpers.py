@@ -48,7 +48,7 @@ def fake_stats(model: nn.Module, names: list[str], seed: int = 1) -> dict[str, L
     g = torch.Generator().manual_seed(seed)
     stats = {}
     for name in names:
-        w = model.get_submodule(name).weight
+        w = model.get_parameter(f"{name}.weight")
         x = torch.randn(256, w.shape[1], generator=g, dtype=torch.float64)
         stats[name] = LayerStats(hessian=x.T @ x, n_tokens=256, fisher=torch.rand(w.shape, generator=g) + 0.1)
     return stats
@@ -96,7 +96,7 @@ def quantized_pair(quantizer: str, *, layers: int = 1, seed: int = 0) -> tuple[n
         for name in names:
             layer = model.get_submodule(name)
             assert isinstance(layer, QuantizedLinear)
-            dense.get_submodule(name).weight.copy_(layer.dequantize(torch.float32))
+            dense.get_parameter(f"{name}.weight").copy_(layer.dequantize(torch.float32))
     return model, dense
 
 

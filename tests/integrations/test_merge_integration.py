@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from lqmod.integrations.merge import merge_and_requantize, merge_to_dense  # noq
 from lqmod.integrations.transformers import LqmodConfig  # noqa: E402
 from lqmod.nn import QuantizedLinear  # noqa: E402
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 AutoModel = transformers.AutoModelForCausalLM
 
 
@@ -30,7 +34,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
     return out.float()
 
 
-def finetuned(tmp_path: Path, *, use_dora: bool = False) -> object:
+def finetuned(tmp_path: Path, *, use_dora: bool = False) -> PeftModel:
     """A tiny Llama quantized to NF4 on load (saved to ``quantized``), with PEFT adapters moved
     away from their init."""
     tiny_llama(1).save_pretrained(tmp_path / "dense")
@@ -112,7 +116,7 @@ def test_quantized_base_and_adapter_reload_without_original_weights(tmp_path: Pa
     """The serving route: base saved by transformers, adapter by PEFT, both reloaded by their owners."""
     pm = finetuned(tmp_path, use_dora=use_dora)
     expected = logits(pm)
-    pm.save_pretrained(tmp_path / "adapter")
+    pm.save_pretrained(str(tmp_path / "adapter"))
     shutil.rmtree(tmp_path / "dense")
     base = AutoModel.from_pretrained(tmp_path / "quantized")
     reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
@@ -154,5 +158,7 @@ def test_plain_transformers_refuses_the_quantized_dir_and_loads_the_merged_one(t
 
 def test_saving_the_base_with_adapters_injected_says_what_to_do(tmp_path: Path) -> None:
     pm = finetuned(tmp_path)
+    base = pm.get_base_model()
+    assert isinstance(base, transformers.PreTrainedModel)
     with pytest.raises(ValueError, match="carry PEFT adapters"):
-        pm.get_base_model().save_pretrained(tmp_path / "wrong")
+        base.save_pretrained(tmp_path / "wrong")

@@ -19,6 +19,7 @@ from lqmod.nn import QuantizedLinear  # noqa: E402
 def bnb_nf4(model: nn.Module, names: list[str], *, double_quant: bool) -> None:
     for name in names:
         old = model.get_submodule(name)
+        assert isinstance(old, nn.Linear), name
         new = bnb.nn.Linear4bit(
             old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=torch.float32,
             compress_statistics=double_quant, quant_type="nf4",

@@ -19,6 +19,7 @@ def layer() -> QuantizedLinear:
 
 def test_forward_and_input_gradient_match_float64(layer: QuantizedLinear) -> None:
     w = layer.dequantize(torch.float64)
+    assert layer.bias is not None
     b = layer.bias.detach().double()
     x = torch.randn(3, 7, 128, dtype=torch.float32, requires_grad=True)
     y = layer(x)
@@ -26,12 +27,14 @@ def test_forward_and_input_gradient_match_float64(layer: QuantizedLinear) -> Non
     y.backward(g)
     x64 = x.detach().double()
     torch.testing.assert_close(y.double(), x64 @ w.T + b, rtol=1e-5, atol=1e-5)
+    assert x.grad is not None
     torch.testing.assert_close(x.grad.double(), g.double() @ w, rtol=1e-5, atol=1e-5)
     assert not any(p.requires_grad for p in layer.parameters())
 
 
 def test_dtype_casts_leave_the_quantized_tensors_alone(layer: QuantizedLinear) -> None:
     tensors = {n: t.clone() for n, t in layer.qweight.tensors.items()}
+    assert layer.bias is not None
     w32 = layer.dequantize(torch.float32)
     layer.to(torch.bfloat16)
     assert layer.compute_dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16

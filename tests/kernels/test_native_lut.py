@@ -132,7 +132,7 @@ def test_every_lut_quantizer_matches_its_materialize(spec: lqmod.QuantizerSpec) 
     x = torch.randn(512, 256, generator=gen, dtype=torch.float64)
     stats = LayerStats(hessian=x.t() @ x, n_tokens=512)  # for quantizers that need one
     seen = 0
-    options = spec.options()
+    options = list(spec.options())
     # A spread of options (an OPTQ quantize is a Hessian solve of about a second here), and
     # act-order where the config has it, for the g_idx layout.
     options = options[:: max(1, len(options) // (4 if "hessian" in spec.needs else 12))]

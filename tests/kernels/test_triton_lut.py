@@ -51,7 +51,9 @@ CASES: dict[str, Callable[[], LutCase]] = {
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _run(case: LutCase, backend: lqmod.kernels.KernelBackend, x: torch.Tensor, g: torch.Tensor):
+def _run(
+    case: LutCase, backend: lqmod.kernels.KernelBackend, x: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach().requires_grad_(True)
     y = materialized_linear(x, case.qweight, case.materialize, backend)
     (grad_x,) = torch.autograd.grad(y, x, g)
@@ -111,27 +113,31 @@ def test_lora_linear_grads(nf_spec: lqmod.QuantizerSpec, dtype: torch.dtype) -> 
     a, b = torch.randn(4, 192, generator=gen) * 0.1, torch.randn(80, 4, generator=gen) * 0.1
     x = torch.randn(2, 9, 192, generator=gen).to(dtype)
 
-    def grads(backend: lqmod.kernels.KernelBackend | None) -> list[torch.Tensor]:
+    def grads(backend: lqmod.kernels.KernelBackend) -> list[torch.Tensor]:
         layer = lqmod.LoRALinear(qweight, nf_spec, lora, lora_a=a, lora_b=b)
-        if backend is not None:
-            # LoRALinear asks select_backend without the spec's lut_format (see report), so
-            # the test installs the backend LoRALinear would cache.
-            layer._backend, layer._backend_device = backend, x.device
+        # On CPU "auto" picks the native kernel, so the test installs the backend the base
+        # layer caches (LoRALinear asks its base layer for it).
+        layer.base_layer._backend, layer.base_layer._backend_device = backend, x.device
+        assert layer.backend(x.device) is backend
         xi = x.clone().requires_grad_(True)
         y = layer(xi)
         # A loss that is not linear in y, so the adapter gradients see the base output.
         (y.float() ** 2).sum().backward()
-        return [y.detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad]
+        out = [y.detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad]
+        return [t for t in out if t is not None]
 
     assert nf_spec.lut_format is not None
     triton_backend = select_backend(qweight, x.device, lut_format=nf_spec.lut_format, backend="triton")
-    got, same = grads(triton_backend), grads(None)
+    assert isinstance(triton_backend, TritonLutBackend)
+    got, same = grads(triton_backend), grads(REFERENCE)
+    assert len(got) == len(same) == 4
 
     w64 = materialize_lut(nf_lut_format(qweight), torch.float64, exact=True)
     x64 = x.double().requires_grad_(True)
     a64, b64 = a.double().requires_grad_(True), b.double().requires_grad_(True)
     y64 = x64 @ w64.t() + lora.scaling * (x64 @ a64.t()) @ b64.t()
     (y64**2).sum().backward()
+    assert x64.grad is not None and a64.grad is not None and b64.grad is not None
     refs = [y64, x64.grad, a64.grad, b64.grad]
     for what, g, s, r in zip(["y", "grad_x", "grad_A", "grad_B"], got, same, refs, strict=True):
         check_rule(f"LoRALinear nf4-dq {str(dtype)[6:]}", what, g, r.detach(), s)

@@ -26,9 +26,13 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 pytest.importorskip("transformers")
 
@@ -172,12 +176,14 @@ def test_one_process_sets_nothing_up(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_lqmod_finetune(tiny_llama: torch.nn.Module, word_tokenizer: object, tmp_path: Path) -> None:
+def test_torchrun_lqmod_finetune(
+    tiny_llama: LlamaForCausalLM, word_tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
     from lqmod.cli import main
 
     src = tmp_path / "tiny"
-    tiny_llama.save_pretrained(src)  # type: ignore[operator]
-    word_tokenizer.save_pretrained(src)  # type: ignore[attr-defined]
+    tiny_llama.save_pretrained(src)
+    word_tokenizer.save_pretrained(src)
     assert main(["quantize", str(src), "--config", "bits=4,blocksize=32", "--rank", "4", "--out",
                  str(tmp_path / "q")]) == 0
     text = tmp_path / "train.txt"

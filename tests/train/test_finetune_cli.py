@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
 
 from lqmod.cli import main
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def quantized_dir(tiny_llama: torch.nn.Module, word_tokenizer: object, tmp_path: Path) -> Path:
+def quantized_dir(tiny_llama: LlamaForCausalLM, word_tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> Path:
     src = tmp_path / "tiny"
     tiny_llama.save_pretrained(src)
-    word_tokenizer.save_pretrained(src)  # type: ignore[attr-defined]
+    word_tokenizer.save_pretrained(src)
     assert main(["quantize", str(src), "--config", "bits=4,blocksize=32", "--rank", "4", "--out",
                  str(tmp_path / "q")]) == 0
     return tmp_path / "q"

@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from lqmod.train import FinetuneConfig, PackedData, Record, StepInfo, pack_records, step_windows, train_causal_lm
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def data(word_tokenizer: object, train_text: str) -> PackedData:
+def data(word_tokenizer: PreTrainedTokenizerFast, train_text: str) -> PackedData:
     return pack_records(word_tokenizer, [Record(train_text)], 16)
 
 
@@ -89,7 +93,7 @@ class _Interrupt(Exception):
 
 @pytest.mark.slow
 def test_resume_reaches_the_same_adapters(
-    tiny_llama: torch.nn.Module, word_tokenizer: object, data: PackedData, tmp_path: Path
+    tiny_llama: torch.nn.Module, word_tokenizer: PreTrainedTokenizerFast, data: PackedData, tmp_path: Path
 ) -> None:
     import copy
 

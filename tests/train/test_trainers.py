@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from lqmod.train import Record, pack_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +30,7 @@ def _moved_adapters_only(model: torch.nn.Module, before: tuple[dict[str, torch.T
 
 
 def test_transformers_trainer_trains_the_adapters(
-    quantized_llama: torch.nn.Module, word_tokenizer: object, train_text: str, tmp_path: Path
+    quantized_llama: torch.nn.Module, word_tokenizer: PreTrainedTokenizerFast, train_text: str, tmp_path: Path
 ) -> None:
     data = pack_records(word_tokenizer, [Record(train_text)], 16)
     rows = [{"input_ids": x, "labels": y} for x, y in zip(data.input_ids, data.labels, strict=True)]
@@ -46,7 +50,7 @@ def test_transformers_trainer_trains_the_adapters(
 
 
 def test_trl_sft_trainer_trains_the_adapters(
-    quantized_llama: torch.nn.Module, word_tokenizer: object, train_text: str, tmp_path: Path
+    quantized_llama: torch.nn.Module, word_tokenizer: PreTrainedTokenizerFast, train_text: str, tmp_path: Path
 ) -> None:
     trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'lqmod[train]')")
     datasets = pytest.importorskip("datasets")

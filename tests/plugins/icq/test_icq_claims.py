@@ -120,7 +120,7 @@ def test_bits_per_param_is_exact_and_matches_plain_nf_at_twice_the_block() -> No
     for big in [(384, 1536), (576, 1536), (1536, 384)]:
         for bits in (2, 3, 4):
             icq_cfg = ICQConfig(base_config={"bits": bits, "blocksize": 128})
-            plain_cfg = nf.config_model(bits=bits, blocksize=64)
+            plain_cfg = nf.config_model.model_validate({"bits": bits, "blocksize": 64})
             assert icq_spec.bits_per_param(icq_cfg, big) == nf.bits_per_param(plain_cfg, big), (big, bits)
 
 

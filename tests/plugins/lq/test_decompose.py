@@ -13,7 +13,7 @@ from lqmod.quantize import QuantizationError, quantize_weight
 from lqmod.testing import relative_error
 from lqmod.types import LayerStats, QuantizedWeight
 from lqmod_lq import decompose
-from lqmod_lq.quantizer import base_qweight
+from lqmod_lq.quantizer import LQConfig, base_qweight
 
 
 def structured_weight(shape: tuple[int, int] = (64, 128), rank: int = 4, seed: int = 0) -> torch.Tensor:
@@ -25,7 +25,7 @@ def structured_weight(shape: tuple[int, int] = (64, 128), rank: int = 4, seed: i
 
 def nf_quantize(bits: int = 3) -> tuple[lqmod.QuantizerSpec, object]:
     spec = lqmod.get_registry().quantizer("nf")
-    return spec, spec.config_model(bits=bits, blocksize=64)
+    return spec, spec.config_model.model_validate({"bits": bits, "blocksize": 64})
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,8 +112,9 @@ def test_config_errors_name_the_problem() -> None:
     with pytest.raises(QuantizationError, match="blocksize=256"):
         quantize_weight(lq, structured_weight(), {"base_config": {"blocksize": 256}})
     # The base config is stored complete, so equivalent spellings are one config.
-    cfg = lq.config_model(base_config={"bits": 3})
-    assert cfg == lq.config_model(base_config=dict(cfg.base_config))
+    cfg = lq.config_model.model_validate({"base_config": {"bits": 3}})
+    assert isinstance(cfg, LQConfig)
+    assert cfg == lq.config_model.model_validate({"base_config": dict(cfg.base_config)})
     assert cfg.base_config["blocksize"] == 64
 
 
@@ -134,6 +135,7 @@ def test_options_fit_or_refuse_cleanly() -> None:
             assert 2 < lq.bits_per_param(opt, shape) < 4.5, (opt, shape)
     # Ranks a small matrix cannot hold are refused with the ranks that fit.
     for opt in opts:
+        assert isinstance(opt, LQConfig)
         if opt.rank < 16:
             assert lq.bits_per_param(opt, (16, 64)) > 0
         else:

@@ -11,7 +11,7 @@ from lqmod.quantize import QuantizationError
 
 def test_bits_per_param_refuses_what_quantize_refuses() -> None:
     spec = get_registry().quantizer("nf")
-    cfg = spec.config_model(bits=4, blocksize=64)
+    cfg = spec.config_model.model_validate({"bits": 4, "blocksize": 64})
     with pytest.raises(QuantizationError, match=r"in_features=96 .*blocksize=64.*\[16, 32\]"):
         spec.bits_per_param(cfg, (8, 96))
     with pytest.raises(QuantizationError, match="in_features=96"):

@@ -73,7 +73,8 @@ def test_double_quant_matches_bitsandbytes_where_its_search_is_exact(nf_spec: lq
     dist = lambda codes: (scaled - table[codes]).abs()  # noqa: E731
     assert torch.all(dist(ours) <= dist(theirs))
     assert (ours != theirs).float().mean() < 0.005
-    assert qw.bits_per_param() == nf_spec.bits_per_param(nf_spec.config_model(blocksize=64), (1024, 1024))
+    cfg = nf_spec.config_model.model_validate({"blocksize": 64})
+    assert qw.bits_per_param() == nf_spec.bits_per_param(cfg, (1024, 1024))
 
 
 def test_tables() -> None:

@@ -86,14 +86,15 @@ def test_storage_is_exact_and_below_float16_scales() -> None:
         half = _quantize(w, stats, **cfg)
         assert sorted(byte.tensors) == sorted({*half.tensors} - {"scales"} | {"scale_codes", "scale_ref"})
         n = 48 * 96
-        groups = 48 * 96 // int(cfg["group_size"])  # type: ignore[call-overload]
+        groups = 48 * 96 // int(cfg["group_size"])
         assert byte.bits_per_param() == half.bits_per_param() - (8 * groups - 32) / n
-        assert spec.bits_per_param(OPTQConfig(**cfg, scale_bits=8), (48, 96)) == byte.bits_per_param()  # type: ignore[arg-type]
+        assert spec.bits_per_param(OPTQConfig(**cfg, scale_bits=8), (48, 96)) == byte.bits_per_param()
     # SmolLM2's shapes at groups of 96, asymmetric: fewer bits than NF3 with double quantization.
     nf = lqmod.get_registry().quantizer("nf")
     for shape in ((576, 576), (1536, 576), (576, 1536), (192, 576)):
         optq_bits = spec.bits_per_param(OPTQConfig(bits=3, group_size=96, sym=False, scale_bits=8), shape)
-        nf_bits = nf.bits_per_param(nf.config_model(bits=3, blocksize=64, double_quant=True), shape)
+        nf_cfg = nf.config_model.model_validate({"bits": 3, "blocksize": 64, "double_quant": True})
+        nf_bits = nf.bits_per_param(nf_cfg, shape)
         assert optq_bits < nf_bits, (shape, optq_bits, nf_bits)
         assert math.isclose(optq_bits, 3 + 11 / 96 + 32 / (shape[0] * shape[1]))
 
@@ -107,7 +108,9 @@ def test_kernel_and_gptq_export_give_the_same_weight(desc_act: bool) -> None:
     assert spec.lut_format is not None
     backend = select_backend(qw, torch.device("cpu"), lut_format=spec.lut_format)
     assert torch.equal(backend.weight(qw, spec.materialize, torch.float32), dense)  # type: ignore[attr-defined]
-    assert torch.equal(materialize_lut(spec.lut_format(qw), torch.float32), dense)
+    fmt = spec.lut_format(qw)
+    assert fmt is not None
+    assert torch.equal(materialize_lut(fmt, torch.float32), dense)
     t = to_gptq(qw, checkpoint_format="gptq_v2")
     back = from_gptq(t, bits=3, group_size=32, sym=False, checkpoint_format="gptq_v2", config=qw.config)
     assert back.config["scale_bits"] == 16 and "scales" in back.tensors
@@ -123,4 +126,4 @@ def test_a_bad_reference_is_refused_when_loaded() -> None:
     with pytest.raises(ValueError, match=r"scale_ref is 0\.0; the reference of the byte scales must be finite and > 0"):
         spec.validate(bad, OPTQConfig(**qw.config))
     with pytest.raises(ValueError, match="scale_bits"):
-        OPTQConfig(bits=3, scale_bits=4)  # type: ignore[arg-type]
+        OPTQConfig(bits=3, scale_bits=4)

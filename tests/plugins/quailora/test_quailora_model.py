@@ -35,7 +35,7 @@ def adapted(model: torch.nn.Module, init: str, stats: dict, cfg: dict | None = N
 def test_quailora_lowers_the_calibrated_error_on_its_base(tiny_llama: torch.nn.Module) -> None:
     names = linear_names(tiny_llama)
     stats = collect_hessians(tiny_llama, names, batches(), progress=False)
-    dense = {n: tiny_llama.get_submodule(n).weight.detach().double().clone() for n in names}
+    dense = {n: tiny_llama.get_parameter(f"{n}.weight").detach().double().clone() for n in names}
     runs = {
         "default": adapted(copy.deepcopy(tiny_llama), "default", stats),
         "als": adapted(copy.deepcopy(tiny_llama), "quailora", stats, {"max_iters": 200}),
@@ -43,6 +43,7 @@ def test_quailora_lowers_the_calibrated_error_on_its_base(tiny_llama: torch.nn.M
     }
     for n in names:
         h = stats[n].hessian
+        assert h is not None
         err = {k: calibrated_error(w[n] - dense[n], h) for k, w in runs.items()}
         # The unweighted alternative on the same base: B A = the rank-r SVD truncation of W - Q.
         q = runs["default"][n]
@@ -58,7 +59,7 @@ def test_quailora_lowers_the_calibrated_error_on_its_base(tiny_llama: torch.nn.M
 def test_the_base_is_the_quantizers_own_and_memory_does_not_grow(tiny_llama: torch.nn.Module) -> None:
     names = linear_names(tiny_llama)
     stats = collect_hessians(tiny_llama, names, batches(), progress=False)
-    dense = {n: tiny_llama.get_submodule(n).weight.detach().clone() for n in names}
+    dense = {n: tiny_llama.get_parameter(f"{n}.weight").detach().clone() for n in names}
     plain = copy.deepcopy(tiny_llama)
     quantize_model(plain, "nf", {"bits": 3}, lora={"r": 4}, progress=False)
     quantize_model(tiny_llama, "nf", {"bits": 3}, lora={"r": 4, "initializer": "quailora"}, stats=stats,

@@ -54,7 +54,7 @@ def test_materialize_matches_the_dense_float64_formula(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)
     w = torch.randn(48, 96, generator=gen)
     x = torch.randn(128, 96, generator=gen, dtype=torch.float64)
-    qw = spec.quantize(w, spec.config_model(bits=bits), LayerStats(hessian=x.T @ x, n_tokens=128))
+    qw = spec.quantize(w, spec.config_model.model_validate({"bits": bits}), LayerStats(hessian=x.T @ x, n_tokens=128))
     ref = _dense_reference(qw)
     assert torch.allclose(spec.materialize(qw, torch.float64), ref, rtol=0, atol=1e-12)
     for dtype in (torch.float32, torch.bfloat16):
