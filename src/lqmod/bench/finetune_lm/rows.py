@@ -100,8 +100,9 @@ ROWS: list[LMRow] = _rows()
 # evaluation per row; quantizing NF 0.5-1.2 min, lq-lora over NF ~0.7 min, sequential OPTQ 2.5
 # min, QuIP#-like 7 min, the plans' error table 4.6 min shared by all four plan rows). The rows
 # left out are the lq-lora rows over OPTQ, QuIP and the plans: lq-lora re-runs the Hessian-aware
-# quantizer up to lq_iters times per layer (estimated 25 min per OPTQ/plan row, over an hour per
-# QuIP row); select them by name or with --rows all.
+# quantizer every alternation, so each takes 11-30 min (measured 2026-12-01 beside other work,
+# load 3-6: optq2 16 min, optq3 30, plan3.25 20, plan2.75 11, quip3 at 2 alternations 22);
+# select them by name, with '*+lq-lora', or with --rows all.
 DEFAULT_ROWS = ("fp-lora", "bnb-nf4", "nf4", "nf3", "nf2", "nf4+lq-lora", "nf3+lq-lora", "nf2+lq-lora", "quip3",
                 "quip2", "optq3", "optq2", "optq3-g96-s8", "optq3-g96-s8-act", "plan3.25", "plan2.75", "plan3.25-frob",
                 "plan2.75-frob", "plan3.25-kfac", "plan2.75-kfac")  # fmt: skip
