@@ -35,8 +35,9 @@ def lut_format(qweight: QuantizedWeight) -> LutFormat:
     if not symmetric and scales.device.type == "cpu" and native_available():
         # The offsets -z * s are themselves a LUT weight (z's packed codes, table -arange, one
         # scale each): the compiled kernel decodes them without unpacking z to int64 first.
+        shape = (scales.shape[0], scales.shape[1])
         zeros = lut_materialize_raw(
-            qweight.tensors["zeros"], bits, (scales.shape[0], scales.shape[1]), _table(bits, False, scales.device, True), scales, 1
+            qweight.tensors["zeros"], bits, shape, _table(bits, False, scales.device, True), scales, 1
         )
     elif not symmetric:
         # 1/group of the weight's size, decoded per call, so the kernel reads float offsets.
