@@ -46,7 +46,8 @@ def test_default_matrix_is_data_filtered_by_the_registry() -> None:
     assert len(labels) == len(set(labels))
     lm = [r.label for r in default_matrix("causal-lm")]
     assert lm == ["fp", "nf4 default", "nf4 lq-lora", "nf4 quailora", "nf4 quailora-exact", "nf3 default",
-                  "nf3 quailora"]  # fmt: skip
+                  "nf3 quailora", "nf3 lq-lora", "optq3 default", "optq3 quailora", "optq3 lq-lora", "quip3 default",
+                  "quip3 quailora", "quip3 lq-lora", "quip2 default", "quip2 quailora"]  # fmt: skip
 
 
 def test_parsing_dispatches_to_the_mode() -> None:
